@@ -1,0 +1,52 @@
+"""Run records: what every experiment writes into its --out directory."""
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+import optax
+
+
+def run_info() -> dict[str, Any]:
+    """Library versions and devices, so a figure can be traced to what produced it."""
+    return {
+        "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+                     "python": platform.python_version()},
+        "devices": [str(d) for d in jax.devices()],
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray, jax.Array)):
+        return np.asarray(value).tolist()
+    return value
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write `obj` as JSON atomically: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(_jsonable(obj), f, indent=2)
+        tmp = f.name
+    os.replace(tmp, path)
+    return path
+
+
+def write_metrics(out_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path:
+    """`out_dir/metrics.json`: the experiment's figures plus `run_info()`."""
+    return write_json(Path(out_dir) / "metrics.json", {**metrics, **run_info()})

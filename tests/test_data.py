@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+
+from flaxlesson import data
+
+
+def test_validation_split_holds_out_the_last_fraction():
+    x = np.arange(10, dtype=np.float32)[:, None]
+    y = np.arange(10)
+    (x_train, y_train), (x_val, y_val) = data.train_validation_split(x, y, 0.2)
+    np.testing.assert_array_equal(y_train, np.arange(8))
+    np.testing.assert_array_equal(y_val, [8, 9])
+    np.testing.assert_array_equal(x_val[:, 0], [8.0, 9.0])
+
+
+def test_validation_split_floors_the_training_part_like_keras():
+    (_, y_train), (_, y_val) = data.train_validation_split(np.zeros((105, 4)), np.arange(105), 0.2)
+    assert (len(y_train), len(y_val)) == (84, 21)
+
+
+def test_validation_split_zero_keeps_everything():
+    (_, y_train), (_, y_val) = data.train_validation_split(np.zeros((5, 1)), np.arange(5), 0.0)
+    assert len(y_train) == 5 and len(y_val) == 0
+
+
+@pytest.mark.parametrize("split", [-0.1, 1.0, 1.5])
+def test_validation_split_outside_unit_interval_is_rejected(split):
+    with pytest.raises(ValueError, match="validation_split"):
+        data.train_validation_split(np.zeros((10, 1)), np.arange(10), split)
+
+
+def test_batches_have_one_size_and_mask_the_partial_last():
+    batches = list(data.iterate_batches(np.arange(7)[:, None], np.arange(7), 3))
+    assert [b["x"].shape for b in batches] == [(3, 1)] * 3
+    np.testing.assert_array_equal(batches[-1]["mask"], [1, 0, 0])
+    np.testing.assert_array_equal(batches[-1]["y"][:1], [6])
+
+
+def test_batches_pad_to_a_multiple_of_devices():
+    batches = list(data.iterate_batches(np.zeros((30, 2)), np.zeros(30), 30, pad_multiple=8))
+    assert batches[0]["x"].shape == (32, 2)
+    assert batches[0]["mask"].sum() == 30
+
+
+def test_shuffled_batches_cover_every_sample_once():
+    rng = np.random.default_rng(0)
+    ys = np.concatenate([b["y"][b["mask"] > 0] for b in data.iterate_batches(np.zeros((11, 1)), np.arange(11), 4, rng=rng)])
+    assert sorted(ys.tolist()) == list(range(11))
+    assert ys.tolist() != list(range(11))
+
+
+def test_batches_of_dict_inputs_slice_every_array():
+    x = {"x": np.arange(5)[:, None], "seq_lengths": np.arange(5) + 1}
+    batch = next(data.iterate_batches(x, np.arange(5), 2))
+    np.testing.assert_array_equal(batch["x"]["seq_lengths"], [1, 2])
+
+
+@pytest.mark.parametrize("batch_size", [0, -3])
+def test_batch_size_below_one_is_rejected(batch_size):
+    with pytest.raises(ValueError, match="batch_size"):
+        next(data.iterate_batches(np.zeros((3, 1)), np.zeros(3), batch_size))
+
+
+def test_iris_split_matches_the_lesson():
+    (x_train, y_train), (x_test, y_test) = data.load_iris()
+    assert x_train.shape == (105, 4) and x_test.shape == (45, 4)
+    np.testing.assert_allclose(x_train.mean(axis=0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(x_train.std(axis=0), 1.0, atol=1e-5)
