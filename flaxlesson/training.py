@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -245,6 +246,13 @@ def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
     n = data.num_examples(x)
     if n == 0:
         raise ValueError("x: no samples")
+    sample = jax.tree.map(lambda a: np.asarray(a)[:1], x)
+    try:
+        out = jax.eval_shape(lambda: _logits(state, state.params, sample))
+    except flax.errors.ScopeParamShapeError as e:
+        shape = np.shape(x["x"] if isinstance(x, dict) else x)[1:]
+        raise ValueError(f"x: samples of shape {shape} do not fit the model's parameters, which were initialised "
+                         f"on inputs of another shape ({e})") from e
     if y is None:
         return
     y = np.asarray(y)
@@ -252,8 +260,6 @@ def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
         raise ValueError(f"x and y must have the same number of samples, got {n} and {len(y)}")
     if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y)):
         raise ValueError("y: labels must be finite, found NaN or infinity")
-    sample = jax.tree.map(lambda a: np.asarray(a)[:1], x)
-    out = jax.eval_shape(lambda: _logits(state, state.params, sample))
     get_loss(state.loss).check_labels(y, math.prod(out.shape[1:]))
 
 
