@@ -1,11 +1,13 @@
 """Figures for the experiments, drawn off-screen (Agg) straight into files."""
 
 import os
+from collections.abc import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from flaxlesson.training import History  # noqa: E402
 
@@ -27,3 +29,69 @@ def history_curves(history: History, path: str | os.PathLike, title: str = "") -
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def prediction_grid(
+    images: np.ndarray,
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    columns: int = 5,
+    title: str = "",
+) -> None:
+    """Images with their predicted and true labels (wrong ones in red), to see what the model gets wrong."""
+    images, y_true, y_pred = np.asarray(images), np.asarray(y_true), np.asarray(y_pred)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images: expected NHWC with 1 or 3 channels, got shape {images.shape}")
+    if not len(images) == len(y_true) == len(y_pred) > 0:
+        raise ValueError(f"images, y_true, y_pred: expected the same non-zero length, "
+                         f"got {len(images)}, {len(y_true)}, {len(y_pred)}")
+    _check_labels(class_names, y_true=y_true, y_pred=y_pred)
+    if columns < 1:
+        raise ValueError(f"columns must be a positive integer, got {columns}")
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.8 * columns, 2.0 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, true, pred in zip(axes.flat, images, y_true, y_pred):
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0.0, vmax=1.0)
+        ax.set_title(f"{class_names[pred]}\n(true: {class_names[true]})", fontsize=8,
+                     color="black" if pred == true else "red")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: str | os.PathLike, title: str = "") -> None:
+    """A confusion matrix (rows true class, columns predicted) as a heat map with counts in its cells."""
+    matrix = np.asarray(matrix)
+    if matrix.shape != (len(class_names), len(class_names)):
+        raise ValueError(f"matrix: expected shape ({len(class_names)}, {len(class_names)}) for "
+                         f"{len(class_names)} class_names, got {matrix.shape}")
+    size = 1.0 + 0.6 * len(class_names)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    shown = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(shown, ax=ax)
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(ticks, class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for (row, col), count in np.ndenumerate(matrix):
+        ax.text(col, row, f"{count:g}", ha="center", va="center", fontsize=7,
+                color="white" if count > matrix.max() / 2 else "black")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _check_labels(class_names: Sequence[str], **labels: np.ndarray) -> None:
+    for name, y in labels.items():
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= len(class_names):
+            raise ValueError(f"{name}: labels must be integers in [0, {len(class_names)}) to index class_names, "
+                             f"got {y.dtype} from {y.min()} to {y.max()}")

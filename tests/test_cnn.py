@@ -1,8 +1,11 @@
+import json
+
 import jax
 import numpy as np
 import pytest
 
-from flaxlesson import models, training
+from experiments import cnn_mnist
+from flaxlesson import models, plots, training
 
 
 def _cnn_state(size=28, channels=1, num_classes=10, seed=0):
@@ -71,3 +74,47 @@ def test_fit_rejects_images_of_another_size_than_the_model_was_initialised_on():
 def test_cnn_rejects_channels_first_images():
     with pytest.raises(ValueError, match=r"shape \(1, 28, 28\) \(height, width, channels: NHWC\) are too small"):
         training.predict(_cnn_state(), np.zeros((2, 1, 28, 28), np.float32))
+
+
+def test_prediction_grid_and_confusion_matrix_write_pngs(tmp_path):
+    images = np.random.default_rng(0).uniform(size=(7, 8, 8, 1)).astype(np.float32)
+    plots.prediction_grid(images, np.arange(7) % 3, np.zeros(7, int), ("a", "b", "c"), tmp_path / "grid.png", columns=3)
+    plots.confusion_matrix(np.array([[3, 1], [0, 2]]), ("a", "b"), tmp_path / "cm.png")
+    for name in ("grid.png", "cm.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prediction_grid_rejects_labels_outside_class_names(tmp_path):
+    with pytest.raises(ValueError, match=r"y_pred: labels must be integers in \[0, 2\)"):
+        plots.prediction_grid(np.zeros((2, 4, 4, 1)), np.array([0, 1]), np.array([0, 2]), ("a", "b"),
+                              tmp_path / "grid.png")
+
+
+def test_prediction_grid_rejects_images_that_are_not_nhwc(tmp_path):
+    with pytest.raises(ValueError, match="images: expected NHWC"):
+        plots.prediction_grid(np.zeros((2, 4, 4)), np.array([0, 1]), np.array([0, 1]), ("a", "b"), tmp_path / "g.png")
+
+
+def test_confusion_matrix_rejects_a_shape_unlike_the_classes(tmp_path):
+    with pytest.raises(ValueError, match=r"matrix: expected shape \(3, 3\)"):
+        plots.confusion_matrix(np.zeros((2, 2)), ("a", "b", "c"), tmp_path / "cm.png")
+
+
+def test_script_trains_on_digits_and_writes_metrics_and_figures(tmp_path):
+    metrics = cnn_mnist.main(["--dataset", "digits", "--epochs", "1", "--out", str(tmp_path)])
+    assert metrics["dataset"] == "digits" and metrics["test_accuracy"] > 0.5
+    matrix = np.asarray(metrics["confusion_matrix"])
+    assert matrix.sum() == 360
+    np.testing.assert_allclose(np.trace(matrix) / 360, metrics["test_accuracy"], atol=1e-6)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["dataset"] == "digits" and len(written["history"]["val_accuracy"]) == 1
+    assert written["train_samples_per_second"] > 0
+    for name in ("curves.png", "predictions.png", "confusion_matrix.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_script_reports_an_unavailable_source_as_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cnn_mnist.main(["--dataset", "idx", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "lacks train-images-idx3-ubyte.gz" in capsys.readouterr().err
