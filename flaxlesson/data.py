@@ -374,8 +374,9 @@ def pad_sequences(
 ) -> np.ndarray:
     """Keras's `pad_sequences`: a list of sequences as one (num_samples, maxlen, ...) array, padded with `value`.
 
-    Same results as Keras for every padding/truncating mode; where Keras would silently cut non-integer values
-    to an integer `dtype`, this raises. `maxlen=0` gives an empty (n, 0) array in every mode.
+    Same results as Keras for every padding/truncating mode. Where Keras would silently cut non-integer values to
+    an integer `dtype`, this raises; a bad `padding`/`truncating` raises even when every sequence is empty (Keras
+    only notices at a non-empty one); `maxlen=0` gives an empty (n, 0) array in every mode.
     """
     _check_side("padding", padding)
     _check_side("truncating", truncating)
