@@ -146,3 +146,8 @@ def test_malformed_sequences_are_rejected(sequences, match):
 def test_bad_dtype_is_rejected():
     with pytest.raises(ValueError, match="dtype: not a numpy dtype"):
         pad_sequences([[1]], dtype="no-such-type")
+
+
+def test_unknown_side_is_rejected_even_when_every_sequence_is_empty():
+    with pytest.raises(ValueError, match='padding: Padding type "middle" not understood'):
+        pad_sequences([[], []], padding="middle")
