@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments import cnn_mnist, mlp_iris  # noqa: E402
+from experiments import cnn_mnist, mlp_iris, rnn_sequences  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     mlp_iris.main(["--out", f"{args.out}/mlp_iris"])
     cnn_mnist.main(["--out", f"{args.out}/cnn_mnist"])
+    rnn_sequences.main(["--task", "lesson", "--out", f"{args.out}/rnn_lesson"])
     return 0
 
 

@@ -5,12 +5,16 @@ output layer would give. Keras initialises Dense and Conv2D kernels glorot_unifo
 same is done here to keep accuracy comparable.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 glorot_uniform = nn.initializers.glorot_uniform()
+orthogonal = nn.initializers.orthogonal()
 
 
 def Dense(features: int, **kwargs) -> nn.Dense:
@@ -62,3 +66,69 @@ class CNN(nn.Module):
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(Dense(self.dense)(x))
         return Dense(self.num_classes)(x)
+
+def _concrete(value: Any) -> bool:
+    return not isinstance(value, jax.core.Tracer)
+
+
+def check_sequence_inputs(x: Any, seq_lengths: Any = None) -> None:
+    """Reject what a recurrent model cannot read: ragged or non-numeric steps, bad `seq_lengths`.
+
+    Shapes and dtypes are checked always; values (lengths in [1, steps]) wherever they are concrete, i.e. outside jit.
+    """
+    if isinstance(x, (list, tuple)):
+        try:
+            x = np.asarray(x)
+        except ValueError as error:
+            raise ValueError("x: ragged sequences (different lengths); pad them to one length with "
+                             "flaxlesson.data.pad_sequences") from error
+    if not hasattr(x, "shape") or x.ndim not in (2, 3):
+        raise ValueError(f"x: expected (batch, steps) or (batch, steps, features), got shape {np.shape(x)}")
+    if not (jnp.issubdtype(x.dtype, jnp.integer) or jnp.issubdtype(x.dtype, jnp.floating)):
+        raise ValueError(f"x: expected numbers, got dtype {x.dtype}")
+    if seq_lengths is None:
+        return
+    if not hasattr(seq_lengths, "shape"):
+        seq_lengths = np.asarray(seq_lengths)
+    if seq_lengths.shape != x.shape[:1]:
+        raise ValueError(f"seq_lengths: expected shape ({x.shape[0]},), one length per sequence, "
+                         f"got {seq_lengths.shape}")
+    if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
+        raise ValueError(f"seq_lengths: expected integers, got dtype {seq_lengths.dtype}")
+    if _concrete(seq_lengths) and seq_lengths.size:
+        lengths = np.asarray(seq_lengths)
+        if lengths.min() < 1 or lengths.max() > x.shape[1]:
+            raise ValueError(f"seq_lengths: each length must lie in [1, {x.shape[1]}] (the steps), "
+                             f"got values from {lengths.min()} to {lengths.max()}")
+
+
+class SimpleRNNClassifier(nn.Module):
+    """Keras's SimpleRNN(units) -> Dense(num_classes): `nn.RNN` over `nn.SimpleCell`, returning logits.
+
+    `num_classes=1` is the lesson's binary form (one logit; sigmoid via loss 'binary_crossentropy'), more is the
+    softmax form. The cell computes h_t = activation(x_t W + h_{t-1} U + b) with Keras's initialisers (W
+    glorot_uniform, U orthogonal, b zero, one bias) and the output is the last state, as Keras's SimpleRNN gives.
+    Input (batch, steps) is one feature per step, as Keras reads it. Without `seq_lengths` every step counts,
+    padding included, as in Keras; with them each sequence ends at its own last real step, which assumes the
+    padding comes after the data (`pad_sequences(padding='post')`).
+    """
+
+    units: int = 50
+    num_classes: int = 1
+    activation: Callable[[jax.Array], jax.Array] = nn.relu
+
+    @nn.nowrap
+    def check_inputs(self, x: Any, seq_lengths: Any = None) -> None:
+        """Host-side check of a whole input before training (the jitted step cannot check values)."""
+        check_sequence_inputs(x, seq_lengths)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, seq_lengths: jax.Array | None = None) -> jax.Array:
+        check_sequence_inputs(x, seq_lengths)
+        x = jnp.asarray(x, jnp.float32)
+        if x.ndim == 2:
+            x = x[..., None]
+        cell = nn.SimpleCell(self.units, activation_fn=self.activation, kernel_init=glorot_uniform,
+                             recurrent_kernel_init=orthogonal, bias_init=nn.initializers.zeros)
+        last, _ = nn.RNN(cell, return_carry=True)(x, seq_lengths=seq_lengths)
+        return Dense(self.num_classes)(last)

@@ -49,12 +49,20 @@ def _check_class_labels(y: np.ndarray, num_classes: int) -> None:
 def _check_binary_labels(y: np.ndarray, num_outputs: int) -> None:
     if num_outputs != 1:
         raise ValueError(f"binary_crossentropy needs a model with 1 output, got {num_outputs}")
+    if y.ndim not in (1, 2) or y.shape[1:] not in ((), (1,)):
+        raise ValueError(f"y: binary labels must have shape (samples,) or (samples, 1), got {y.shape}")
     if y.size and (np.min(y) < 0 or np.max(y) > 1):
         raise ValueError(f"y: binary labels must lie in [0, 1], got values from {np.min(y)} to {np.max(y)}")
 
 
-def _binary_logits(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return logits.reshape(labels.shape)
+def _binary_per_example(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """Sigmoid crossentropy of one logit per sample, shape (batch,), for labels of shape (batch,) or (batch, 1)."""
+    return optax.sigmoid_binary_cross_entropy(logits.reshape(y.shape[0]), y.reshape(y.shape[0]))
+
+
+def _binary_correct(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """Keras's binary accuracy: probability above 0.5 (logit above 0) against label above 0.5, shape (batch,)."""
+    return ((logits.reshape(y.shape[0]) > 0) == (y.reshape(y.shape[0]) > 0.5)).astype(jnp.float32)
 
 
 LOSSES: dict[str, Loss] = {
@@ -65,8 +73,8 @@ LOSSES: dict[str, Loss] = {
         check_labels=_check_class_labels,
     ),
     "binary_crossentropy": Loss(
-        per_example=lambda logits, y: optax.sigmoid_binary_cross_entropy(_binary_logits(logits, y), y),
-        correct=lambda logits, y: ((_binary_logits(logits, y) > 0) == (y > 0.5)).astype(jnp.float32),
+        per_example=_binary_per_example,
+        correct=_binary_correct,
         probabilities=nn.sigmoid,
         check_labels=_check_binary_labels,
     ),
@@ -236,8 +244,19 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_model_inputs(state: TrainState, x: Any) -> None:
+    """Run the model's own `check_inputs(x, **kwargs)` on the whole input when it defines one.
+
+    Values such as sequence lengths can only be checked on the host: inside the jitted step they are tracers.
+    """
+    check = getattr(getattr(state.apply_fn, "__self__", None), "check_inputs", None)
+    if check is not None:
+        _apply_inputs(check, x)
+
+
 def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
     """Clear errors for inputs the model or the loss cannot take."""
+    _check_model_inputs(state, x)
     leaves = list(x.values()) if isinstance(x, dict) else [x]
     for leaf in leaves:
         leaf = np.asarray(leaf)

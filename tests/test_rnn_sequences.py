@@ -1,0 +1,47 @@
+"""experiments/rnn_sequences.py end to end on tiny settings: the lesson's toy, and the rows task on bundled digits."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import rnn_sequences
+
+
+def test_lesson_task_pads_fits_and_predicts(tmp_path):
+    metrics = rnn_sequences.main(["--task", "lesson", "--epochs", "2", "--out", str(tmp_path)])
+    np.testing.assert_array_equal(metrics["padded_x"], [[1, 2, 3, 0, 0], [4, 5, 6, 0, 0], [7, 8, 9, 0, 0]])
+    predictions = np.asarray(metrics["predictions"])
+    assert predictions.shape == (3, 1) and np.all((predictions > 0) & (predictions < 1))
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["settings"]["batch_size"] == 1 and len(written["history"]["loss"]) == 2
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_rows_task_shows_seq_lengths_ignore_extra_padding(tmp_path):
+    metrics = rnn_sequences.main(["--task", "rows", "--dataset", "digits", "--units", "8", "--epochs", "1",
+                                  "--masking-epochs", "1", "--extra-padding", "5", "--validation-split", "0",
+                                  "--out", str(tmp_path)])
+    masking = metrics["masking"]
+    assert masking["with_seq_lengths"]["max_probability_change_from_extra_padding"] < 1e-5
+    assert masking["without_seq_lengths"]["max_probability_change_from_extra_padding"] > 1e-3
+    assert 0 <= metrics["test_accuracy"] <= 1
+    for name in ("curves.png", "curves_cut_with_seq_lengths.png", "curves_cut_without_seq_lengths.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_image_rows_are_steps_of_pixels():
+    images = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4, 1)
+    np.testing.assert_array_equal(rnn_sequences.image_rows(images)[1, 2], [20, 21, 22, 23])
+
+
+def test_cut_rows_keeps_the_first_rows_and_pads_after():
+    sequences = np.arange(1, 13, dtype=np.float32).reshape(2, 3, 2)
+    out = rnn_sequences.cut_rows(sequences, np.array([1, 3]), maxlen=4)
+    np.testing.assert_array_equal(out, [[[1, 2], [0, 0], [0, 0], [0, 0]], [[7, 8], [9, 10], [11, 12], [0, 0]]])
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "11"], ["--units", "0"], ["--task", "rows", "--min-rows", "0"]])
+def test_bad_flags_are_rejected(argv, tmp_path):
+    with pytest.raises(SystemExit):
+        rnn_sequences.main([*argv, "--dataset", "digits", "--out", str(tmp_path)])
