@@ -67,6 +67,7 @@ class CNN(nn.Module):
         x = nn.relu(Dense(self.dense)(x))
         return Dense(self.num_classes)(x)
 
+
 def _concrete(value: Any) -> bool:
     return not isinstance(value, jax.core.Tracer)
 

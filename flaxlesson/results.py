@@ -43,6 +43,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
         json.dump(_jsonable(obj), f, indent=2)
         tmp = f.name
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return path
 
