@@ -21,11 +21,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--validation-split", type=float, default=0.1)
     parser.add_argument("--strategy", default="single", help="passed to fit: how the step is placed on devices")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use only the first N training and N test images (quick runs)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the shuffling")
     parser.add_argument("--out", default="runs/cnn_mnist")
     args = parser.parse_args(argv)
     try:
-        images = data.load_images(args.dataset, args.data_dir)
+        images = data.load_images(args.dataset, args.data_dir).head(args.limit)
     except (ValueError, data.DatasetUnavailableError) as e:
         parser.error(str(e))
     print(f"{images.name}: {len(images.x_train):,} train and {len(images.x_test):,} test images of "

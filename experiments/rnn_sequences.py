@@ -102,7 +102,7 @@ def _masking(args: argparse.Namespace, rows: dict[str, np.ndarray], labels: dict
 def rows_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[dict, Curves]:
     """Classify images read row by row, then show masking on cut images of random height."""
     try:
-        images = data.load_images(args.dataset, args.data_dir)
+        images = data.load_images(args.dataset, args.data_dir).head(args.limit)
     except (ValueError, data.DatasetUnavailableError) as e:
         parser.error(str(e))
     rows = {"train": image_rows(images.x_train), "test": image_rows(images.x_test)}
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="rows: epochs of each cut-image run, with and without seq_lengths (0 skips them)")
     parser.add_argument("--min-rows", type=int, default=7, help="rows: cut images keep 7..28 rows, uniformly")
     parser.add_argument("--extra-padding", type=int, default=28, help="rows: empty rows added to score padding")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use only the first N training and N test images (quick runs)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the initialisation, shuffling and cuts")
     parser.add_argument("--out", default=None, help="default runs/rnn_<task>")
     args = parser.parse_args(argv)

@@ -153,6 +153,15 @@ class ImageData:
         """How many classes the labels index."""
         return len(self.class_names)
 
+    def head(self, limit: int | None) -> "ImageData":
+        """The first `limit` training and first `limit` test images (all when None): for quick runs."""
+        if limit is None:
+            return self
+        if limit < 1:
+            raise ValueError(f"limit must be a positive number of images, got {limit}")
+        return dataclasses.replace(self, x_train=self.x_train[:limit], y_train=self.y_train[:limit],
+                                   x_test=self.x_test[:limit], y_test=self.y_test[:limit])
+
 
 def _unit_nhwc(images: np.ndarray, max_value: float) -> np.ndarray:
     """Integer (N, H, W) or (N, H, W, C) images as NHWC float32 in [0, 1]."""

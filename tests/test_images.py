@@ -283,3 +283,15 @@ def test_image_data_rejects_labels_outside_its_classes():
     x = np.zeros((2, 4, 4, 1), np.float32)
     with pytest.raises(ValueError, match=r"y_test: labels must lie in \[0, 2\)"):
         data.ImageData(x, np.array([0, 1], np.int32), x, np.array([0, 2], np.int32), "t", "test", ("a", "b"))
+
+
+def test_head_keeps_the_first_images_of_each_split():
+    images = data.load_images("digits")
+    small = images.head(5)
+    assert len(small.x_train) == len(small.y_train) == 5 and len(small.x_test) == 5
+    np.testing.assert_array_equal(small.y_train, images.y_train[:5])
+
+
+def test_head_rejects_a_limit_below_one():
+    with pytest.raises(ValueError, match="limit"):
+        data.load_images("digits").head(0)
