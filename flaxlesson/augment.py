@@ -87,46 +87,68 @@ def _fold(coord: jax.Array, size: int, fill_mode: str) -> jax.Array:
     return jnp.clip(coord, 0, size - 1)
 
 
-def _resample(x: jax.Array, matrix: jax.Array, fill_mode: str, cval: Scalar, order: int,
-              flip_horizontal: jax.Array | bool = False, flip_vertical: jax.Array | bool = False) -> jax.Array:
-    """Output pixel (row, col) reads x (H, W, C) at matrix @ (row, col, 1), the way scipy.ndimage does.
+def _flip_matrix(flip_horizontal: jax.Array, flip_vertical: jax.Array, rows: int, cols: int) -> jax.Array:
+    """Reads the output grid mirrored: flipping after the transform is the same as this map applied first."""
+    zero, one = jnp.zeros(()), jnp.ones(())
+    return jnp.array([[jnp.where(flip_vertical, -one, one), zero, jnp.where(flip_vertical, rows - one, zero)],
+                      [zero, jnp.where(flip_horizontal, -one, one), jnp.where(flip_horizontal, cols - one, zero)],
+                      [zero, zero, one]])
 
-    A flip after the transform is the same as reading the flipped output grid, so flips cost nothing here.
-    Each channel is read with scalar gathers at indices computed once: on CPU these are several times faster
-    than gathering slices (a 2x2 neighbourhood, or all channels of a pixel) at once.
+
+def _sample(images: jax.Array, matrices: jax.Array, fill_mode: str, cval: Scalar, order: int) -> jax.Array:
+    """Output pixel (row, col) of image b reads images[b] at matrices[b] @ (row, col, 1), like scipy.ndimage.
+
+    Shaped for XLA on CPU, where a gather turns the loop it is fused into scalar: the coordinates, folds,
+    indices and weights are computed in vectorised loops into one array (a loop with several outputs is slow
+    too), an optimization barrier keeps that work out of the gather loop, and the gather loop reads every
+    channel with scalar gathers only (gathering slices, such as a 2x2 neighbourhood, is several times slower).
     """
-    height, width, _ = x.shape
-    row = jnp.arange(height, dtype=jnp.float32)[:, None]
-    col = jnp.arange(width, dtype=jnp.float32)[None, :]
-    row = jnp.where(flip_vertical, height - 1 - row, row)
-    col = jnp.where(flip_horizontal, width - 1 - col, col)
-    rows = matrix[0, 0] * row + matrix[0, 1] * col + matrix[0, 2]
-    cols = matrix[1, 0] * row + matrix[1, 1] * col + matrix[1, 2]
+    batch, height, width, channels = images.shape
+    row = jnp.repeat(jnp.arange(height, dtype=jnp.float32), width)
+    col = jnp.tile(jnp.arange(width, dtype=jnp.float32), height)
+    m = matrices[:, :2, :, None]
+    rows, cols = (m[:, :, 0] * row + m[:, :, 1] * col + m[:, :, 2]).swapaxes(0, 1)
     r, c = _fold(rows, height, fill_mode), _fold(cols, width, fill_mode)
     if order == 0:
         # scipy rounds halves up.
-        index = jnp.floor(r + 0.5).astype(jnp.int32) * width + jnp.floor(c + 0.5).astype(jnp.int32)
-
-        def channel(plane: jax.Array) -> jax.Array:
-            return plane.reshape(-1)[index]
+        r0, c0 = jnp.floor(r + 0.5), jnp.floor(c + 0.5)
     else:
-        # round(r - 0.5) is floor(r), or r - 1 at some integers r, read with weight 1: the same value. It is
-        # cheaper than floor on CPU. The image gains a repeated last row and column for the neighbours r0 + 1.
-        r0, c0 = jnp.round(r - 0.5), jnp.round(c - 0.5)
-        wr, wc = r - r0, c - c0
-        stride = width + 1
-        index = r0.astype(jnp.int32) * stride + c0.astype(jnp.int32)
-
-        def channel(plane: jax.Array) -> jax.Array:
-            flat = jnp.pad(plane, ((0, 1), (0, 1)), mode="edge").reshape(-1)
-            q00, q01, q10, q11 = flat[index], flat[index + 1], flat[index + stride], flat[index + stride + 1]
-            top, bottom = q00 + wc * (q01 - q00), q10 + wc * (q11 - q10)
-            return top + wr * (bottom - top)
-    out = jax.vmap(channel, in_axes=2, out_axes=2)(x)
+        # The top-left neighbour, kept off the last row and column so that r0 + 1 and c0 + 1 are pixels too (at
+        # r = height - 1, r0 = height - 2 with weight 1 on r0 + 1). round(r - 0.5) is floor(r), or r - 1 at
+        # some integers r, where the weight r - r0 is 1: the same value, and cheaper than floor on CPU.
+        r0 = jnp.clip(jnp.round(r - 0.5), 0, max(height - 2, 0))
+        c0 = jnp.clip(jnp.round(c - 0.5), 0, max(width - 2, 0))
+    # Unsigned, because a signed index costs every gather a test for a negative (from-the-end) index.
+    pixel = (jnp.arange(batch, dtype=jnp.uint32)[:, None] * height + r0.astype(jnp.uint32)) * width
+    pixel = pixel + c0.astype(jnp.uint32)
+    # The index travels in float32 bits, in the same array as the weights; it is only copied, never computed on.
+    packed = [jax.lax.bitcast_convert_type(pixel, jnp.float32)]
+    if order == 1:
+        packed += [r - r0, c - c0]
     if fill_mode == "constant":
-        inside = (rows >= 0) & (rows <= height - 1) & (cols >= 0) & (cols <= width - 1)
-        out = jnp.where(inside[..., None], out, jnp.asarray(cval, out.dtype))
-    return out
+        packed.append((rows >= 0) & (rows <= height - 1) & (cols >= 0) & (cols <= width - 1))
+    packed = jax.lax.optimization_barrier(jnp.stack(packed, axis=1))
+
+    pixel = jax.lax.bitcast_convert_type(packed[:, 0], jnp.uint32)
+    flat = images.reshape(-1)
+    down, right = int(height > 1) * width, int(width > 1)  # steps to the neighbours, none along a 1-pixel side
+
+    def channel(ch: int) -> jax.Array:
+        def at(step: int) -> jax.Array:
+            return flat[(pixel + step) * channels + ch]
+
+        if order == 0:
+            return at(0)
+        wr, wc = packed[:, 1], packed[:, 2]
+        # Every gather used once, so that XLA fuses it into this loop rather than writing it out.
+        top = (1 - wc) * at(0) + wc * at(right)
+        bottom = (1 - wc) * at(down) + wc * at(down + right)
+        return (1 - wr) * top + wr * bottom
+
+    out = jnp.stack([channel(ch) for ch in range(channels)], axis=-1)
+    if fill_mode == "constant":
+        out = jnp.where(packed[:, -1, :, None] > 0, out, jnp.asarray(cval, out.dtype))
+    return out.reshape(batch, height, width, channels)
 
 
 @functools.partial(jax.jit, static_argnames=("fill_mode", "order"))
@@ -152,7 +174,9 @@ def apply_affine_transform(x: jax.Array, theta: Scalar = 0.0, tx: Scalar = 0.0, 
       order: 0 (nearest pixel, halves rounded up) or 1 (bilinear).
 
     Returns:
-      The transformed image, shaped like `x`.
+      The transformed image, shaped like `x`. It matches scipy to float32 rounding, except that a sample point
+      within about 1e-5 pixels of a jump (a rounding half for order 0, an edge for 'constant', a fold for
+      'wrap') may land on the other side of it, since coordinates here are float32 and scipy's float64.
     """
     x = jnp.asarray(x)
     if x.ndim != 3:
@@ -162,8 +186,8 @@ def apply_affine_transform(x: jax.Array, theta: Scalar = 0.0, tx: Scalar = 0.0, 
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.float32)
     height, width, _ = x.shape
-    params = (jnp.asarray(p, jnp.float32) for p in (theta, tx, ty, shear, zx, zy))
-    return _resample(x, _keras_matrix(*params, height, width), fill_mode, cval, order).astype(x.dtype)
+    matrix = _keras_matrix(*(jnp.asarray(p, jnp.float32) for p in (theta, tx, ty, shear, zx, zy)), height, width)
+    return _sample(x[None], matrix[None], fill_mode, cval, order)[0].astype(x.dtype)
 
 
 def _is_real(value: Any) -> bool:
@@ -177,11 +201,9 @@ def _nonnegative(name: str, value: Any) -> float:
 
 
 def _shift_range(name: str, value: Any) -> float | tuple[float, ...]:
-    """A width/height shift range, normalised the way Keras's `get_random_transform` reads it.
+    """A shift range as Keras's `get_random_transform` reads it: a float, or the values to choose from.
 
-    A float r draws uniformly from (-r, r). An int n draws one of 0..n-1 (`np.random.choice(n)`) with a random
-    sign, so it is stored as the tuple (0.0, ..., n - 1.0), and a sequence draws one of its values with a random
-    sign. The draw is a fraction of the image size when the largest value is below 1, else pixels.
+    Keras draws an int n as `np.random.choice(n)`, one of 0..n-1, so it becomes the tuple (0.0, ..., n - 1.0).
     """
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
         return tuple(float(i) for i in range(value))
@@ -197,7 +219,10 @@ class ImageDataGenerator:
     """The geometric options of Keras's `ImageDataGenerator`, with Keras's names and defaults.
 
     Frozen and hashable, so it can be a static argument of `jax.jit`. Validated and normalised on construction:
-    `zoom_range` z becomes the pair (1 - z, 1 + z) as in Keras, and the shift ranges follow `_shift_range`.
+    `zoom_range` z becomes the pair (1 - z, 1 + z) as in Keras. The shift ranges are read as Keras reads them: a
+    float r means U(-r, r); an int n means one of 0..n-1 pixels with a random sign (stored as that tuple); a
+    sequence means one of its values with a random sign; and the draw is a fraction of the image's height
+    (width) when the largest value is below 1, else pixels.
     """
 
     rotation_range: float = 0.0
@@ -211,7 +236,7 @@ class ImageDataGenerator:
     cval: float = 0.0
     interpolation_order: int = 1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
@@ -284,22 +309,28 @@ def random_transform_params(key: jax.Array, config: ImageDataGenerator,
     }
 
 
-def _transform(image: jax.Array, params: dict[str, jax.Array], config: ImageDataGenerator) -> jax.Array:
-    """Keras's `apply_transform`: the affine map, then the flips."""
-    matrix = _keras_matrix(*(params[name] for name in _AFFINE_PARAMS), *image.shape[:2])
-    return _resample(image, matrix, config.fill_mode, config.cval, config.interpolation_order,
-                     params["flip_horizontal"], params["flip_vertical"]).astype(image.dtype)
+def _matrix(params: dict[str, jax.Array], rows: int, cols: int) -> jax.Array:
+    """Keras's `apply_transform` as one map: the affine transform, then the flips."""
+    flips = _flip_matrix(params["flip_horizontal"], params["flip_vertical"], rows, cols)
+    return jnp.matmul(_keras_matrix(*(params[name] for name in _AFFINE_PARAMS), rows, cols), flips,
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 @functools.partial(jax.jit, static_argnames="config")
 def augment(key: jax.Array, images: jax.Array, config: ImageDataGenerator) -> jax.Array:
     """Augments a (batch, height, width, channels) batch, every image with its own random draw.
 
-    Jittable with `config` static: `jax.jit(augment, static_argnums=2)`.
+    Image i gets `random_transform_params(jax.random.split(key, batch)[i], config, image_shape)`, applied as
+    Keras's `apply_transform` applies it: `apply_affine_transform`, then the flips. Jitted, with `config` static
+    (it is hashable), so `jax.jit(augment, static_argnums=2)` or a call inside a jitted train step both work.
+    Integer images come back as float32.
     """
     images = jnp.asarray(images)
     if images.ndim != 4:
         raise ValueError(f"images must be a (batch, height, width, channels) array, got shape {images.shape}.")
     keys = jax.random.split(key, images.shape[0])
     params = jax.vmap(random_transform_params, in_axes=(0, None, None))(keys, config, images.shape[1:])
-    return jax.vmap(_transform, in_axes=(0, 0, None))(images, params, config)
+    matrices = jax.vmap(_matrix, in_axes=(0, None, None))(params, *images.shape[1:3])
+    dtype = images.dtype if jnp.issubdtype(images.dtype, jnp.floating) else jnp.float32
+    images = images.astype(dtype)
+    return _sample(images, matrices, config.fill_mode, config.cval, config.interpolation_order).astype(dtype)
