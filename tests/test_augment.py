@@ -81,6 +81,18 @@ def test_apply_affine_transform_matches_keras(fill_mode, order):
     assert np.abs(got - want).max() <= 1e-4
 
 
+@pytest.mark.parametrize("shape", [(1, 5, 1), (4, 1, 2)])
+def test_one_pixel_wide_images_match_keras(shape):
+    # A side of one pixel has no neighbour to interpolate towards.
+    rng = np.random.default_rng(5)
+    x = rng.random(shape, dtype=np.float32)
+    for fill_mode in ("nearest", "constant", "reflect", "wrap"):
+        for params in random_params(rng, *shape[:2], count=5):
+            got = apply_affine_transform(x, **params, fill_mode=fill_mode, cval=0.37)
+            want = keras_apply(x.astype(np.float64), fill_mode, 0.37, 1, **params)
+            assert np.abs(got - want).max() <= 1e-4, (fill_mode, params)
+
+
 @pytest.mark.parametrize("fill_mode", ["nearest", "constant", "reflect", "wrap"])
 def test_identity_returns_the_image(fill_mode):
     x = np.random.default_rng(1).random(SHAPE, dtype=np.float32)
