@@ -188,6 +188,13 @@ def test_augment_gives_every_image_its_own_draw():
     assert all(not np.allclose(out[i], out[j]) for i in range(4) for j in range(i))
 
 
+def test_augment_same_key_same_images_other_key_other_images():
+    images = np.random.default_rng(6).random((3, 8, 8, 1), dtype=np.float32)
+    a, b, c = (np.asarray(augment(jax.random.key(seed), images, LESSON)) for seed in (0, 0, 1))
+    np.testing.assert_array_equal(a, b)
+    assert all(not np.allclose(a[i], c[i]) for i in range(3))
+
+
 def test_config_is_hashable_and_normalised():
     assert hash(LESSON) == hash(dataclasses.replace(LESSON))
     assert LESSON.zoom_range == (0.8, 1.2)
