@@ -182,3 +182,29 @@ def test_labels_outside_the_classes_are_rejected():
 def test_unknown_loss_is_rejected():
     with pytest.raises(ValueError, match="loss must be one of"):
         training.create_train_state(models.MLP(), np.zeros((1, 4), np.float32), loss="hinge")
+
+
+def _noise(key, x):
+    """An 'augmentation' that replaces the batch by key-derived noise, so the key schedule shows in the params."""
+    return jax.random.uniform(key, x.shape)
+
+
+def test_augment_runs_on_each_training_batch_with_a_fresh_key():
+    x, y = _toy(n=8)
+    trained, _ = training.fit(_state(), x, y, epochs=1, batch_size=4, shuffle=False, seed=3, augment=_noise, verbose=0)
+    state = _state()
+    step = jax.jit(training.make_train_step(state.loss))
+    for i, rows in enumerate((slice(0, 4), slice(4, 8))):
+        noise = _noise(jax.random.fold_in(jax.random.key(3), i), x[rows].shape)
+        batch = {"x": noise, "y": y[rows], "mask": np.ones(4, np.float32)}
+        state, _ = step(state, training.zero_totals(), batch, jax.random.key(0))
+    for la, lb in zip(_leaves(trained), _leaves(state)):
+        np.testing.assert_allclose(la, lb, rtol=1e-5, atol=1e-7)
+
+
+def test_augment_never_touches_validation_data():
+    x, y = _toy(n=10)
+    trained, history = training.fit(_state(), x, y, epochs=1, batch_size=4, validation_split=0.2, augment=_noise,
+                                    verbose=0)
+    expected = training.evaluate(trained, x[8:], y[8:])
+    np.testing.assert_allclose(history.history["val_loss"][0], expected["loss"], rtol=1e-5)
