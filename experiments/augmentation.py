@@ -16,9 +16,7 @@ import numpy as np
 
 from flaxlesson import augment, data, plots, results
 
-# The lesson's generator, option for option.
-LESSON = augment.ImageDataGenerator(rotation_range=20, width_shift_range=0.2, height_shift_range=0.2, shear_range=0.2,
-                                    zoom_range=0.2, horizontal_flip=True, fill_mode="nearest")
+LESSON = augment.LESSON_GENERATOR
 BATCH_SIZE = 256
 
 

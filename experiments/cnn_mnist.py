@@ -9,7 +9,7 @@ import argparse
 import numpy as np
 import sklearn.metrics
 
-from flaxlesson import data, models, plots, results, training
+from flaxlesson import augment, data, models, plots, results, training
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--validation-split", type=float, default=0.1)
     parser.add_argument("--strategy", default="single", help="passed to fit: how the step is placed on devices")
+    parser.add_argument("--augment", action="store_true",
+                        help="augment every training batch on the device with the lesson's ImageDataGenerator")
     parser.add_argument("--limit", type=int, default=None,
                         help="use only the first N training and N test images (quick runs)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the shuffling")
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     state = training.create_train_state(model, images.x_train[:1], seed=args.seed)
     state, history = training.fit(state, images.x_train, images.y_train, epochs=args.epochs,
                                   batch_size=args.batch_size, validation_split=args.validation_split,
-                                  seed=args.seed, strategy=args.strategy)
+                                  seed=args.seed, strategy=args.strategy,
+                                  augment=augment.LESSON_GENERATOR if args.augment else None)
     test = training.evaluate(state, images.x_test, images.y_test, strategy=args.strategy)
     y_pred = training.predict(state, images.x_test, strategy=args.strategy).argmax(axis=1)
     matrix = sklearn.metrics.confusion_matrix(images.y_test, y_pred, labels=np.arange(images.num_classes))

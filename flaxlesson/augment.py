@@ -269,6 +269,11 @@ class ImageDataGenerator:
         return augment(key, images, self)
 
 
+
+# The lesson's generator (section 3.1), option for option.
+LESSON_GENERATOR = ImageDataGenerator(rotation_range=20, width_shift_range=0.2, height_shift_range=0.2,
+                                      shear_range=0.2, zoom_range=0.2, horizontal_flip=True, fill_mode="nearest")
+
 def _shift(u_value: jax.Array, u_sign: jax.Array, shift_range: float | tuple[float, ...], size: int) -> jax.Array:
     """A shift in pixels along an axis of `size` pixels, from two U[0, 1) numbers and a normalised range."""
     if isinstance(shift_range, tuple):

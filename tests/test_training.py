@@ -195,7 +195,7 @@ def test_augment_runs_on_each_training_batch_with_a_fresh_key():
     state = _state()
     step = jax.jit(training.make_train_step(state.loss))
     for i, rows in enumerate((slice(0, 4), slice(4, 8))):
-        noise = _noise(jax.random.fold_in(jax.random.key(3), i), x[rows].shape)
+        noise = _noise(jax.random.fold_in(jax.random.key(3), i), x[rows])
         batch = {"x": noise, "y": y[rows], "mask": np.ones(4, np.float32)}
         state, _ = step(state, training.zero_totals(), batch, jax.random.key(0))
     for la, lb in zip(_leaves(trained), _leaves(state)):
