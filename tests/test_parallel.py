@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
+from experiments import distributed
 from flaxlesson import data, models, parallel, training
 
 
@@ -183,3 +184,35 @@ def test_one_process_starts_nothing(monkeypatch):
     monkeypatch.delenv(parallel.ENV_NUM_PROCESSES, raising=False)
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: pytest.fail("must not start"))
     assert parallel.initialize() == 1
+
+
+def test_experiment_reports_devices_and_the_difference_from_one_device(tmp_path):
+    metrics = distributed.main(["--strategy", "pmap", "--samples", "64", "--features", "8", "--epochs", "1",
+                                "--batch-size", "30", "--out", str(tmp_path)])
+    assert (metrics["num_devices"], metrics["num_processes"]) == (8, 1)
+    assert metrics["max_abs_param_diff"] < 1e-5 and metrics["step_seconds"] > 0
+    assert (tmp_path / "metrics.json").exists() and (tmp_path / "curves.png").exists()
+
+
+@pytest.mark.parametrize("argv", [["--strategy", "mirrored"], ["--processes", "2", "--process-id", "2"],
+                                  ["--resume"], ["--batch-size", "0"]])
+def test_experiment_rejects_bad_flags(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        distributed.main([*argv, "--out", str(tmp_path)])
+    assert "error:" in capsys.readouterr().err
+
+
+def test_experiment_resumes_from_its_checkpoints(tmp_path):
+    common = ["--samples", "40", "--features", "8", "--batch-size", "16", f"--checkpoint-dir={tmp_path / 'ckpt'}"]
+    distributed.main([*common, "--epochs", "1", "--out", str(tmp_path / "first")])
+    metrics = distributed.main([*common, "--epochs", "2", "--resume", "--out", str(tmp_path / "second")])
+    assert metrics["initial_epoch"] == 1 and len(metrics["history"]["loss"]) == 1
+    assert metrics["max_abs_param_diff"] < 1e-5
+
+
+def test_experiment_refuses_a_used_checkpoint_directory_without_resume(tmp_path, capsys):
+    common = ["--samples", "40", "--features", "8", "--epochs", "1", f"--checkpoint-dir={tmp_path / 'ckpt'}"]
+    distributed.main([*common, "--out", str(tmp_path / "first")])
+    with pytest.raises(SystemExit):
+        distributed.main([*common, "--out", str(tmp_path / "second")])
+    assert "already holds checkpoints of epochs [1]" in capsys.readouterr().err
