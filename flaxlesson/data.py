@@ -64,22 +64,33 @@ def iterate_batches(
     *,
     rng: np.random.Generator | None = None,
     pad_multiple: int = 1,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> Iterator[Batch]:
     """Yield `{'x', 'y', 'mask'}` batches of one fixed size, shuffled by `rng` when given.
 
     Each batch holds `batch_size` samples, the last one fewer; every batch is padded (with copies of its first
     row) to `padded_size(batch_size, pad_multiple)` rows, and `mask` is 1.0 on real rows, 0.0 on padding.
+    With `process_count` > 1 (several processes, the same `rng` seed in each), only process `process_index`'s
+    contiguous share of every padded global batch is yielded, and only those rows of `x` and `y` are read.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    size = padded_size(batch_size, pad_multiple)
+    if process_count < 1 or size % process_count:
+        raise ValueError(f"process_count must be a positive divisor of the padded batch size {size}, "
+                         f"got {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
     n = num_examples(x)
     order = rng.permutation(n) if rng is not None else np.arange(n)
-    size = padded_size(batch_size, pad_multiple)
+    share = slice(process_index * size // process_count, (process_index + 1) * size // process_count)
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         mask = np.zeros(size, np.float32)
         mask[:len(idx)] = 1.0
-        idx = np.concatenate([idx, np.full(size - len(idx), idx[0])])
+        idx = np.concatenate([idx, np.full(size - len(idx), idx[0])])[share]
+        mask = mask[share]
         batch = {"x": take(x, idx), "mask": mask}
         if y is not None:
             batch["y"] = y[idx]

@@ -1,14 +1,33 @@
 """Where computation runs: the only module that names devices.
 
-A strategy tells the training core how to compile its step functions and where to put state and batches.
-`fit(..., strategy=...)` takes one of these or its name.
+A strategy tells the training core how to compile its step functions and where to put state and batches;
+`fit(..., strategy=...)` takes one of these or its name. `single` is one device; `sharded` is a 1-D data mesh
+over every device (jit + NamedSharding, JAX's recommended path); `pmap` is the older `jax.pmap` form. Both
+multi-device strategies give the single-device update for the same global batch, and both span several
+processes once `initialize` has started JAX's multi-controller runtime: every process runs the same program,
+reads its own slice of each global batch, and the global arrays are built from those slices.
 """
 
-from collections.abc import Callable
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "data"
+"""The mesh axis, and the pmap axis, that the global batch is split over."""
+
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
 
 class SingleDevice:
@@ -17,6 +36,8 @@ class SingleDevice:
     name = "single"
     num_replicas = 1
     axis_name = None
+    process_index = 0
+    process_count = 1
 
     def __init__(self, device: jax.Device | None = None):
         self.device = device or jax.local_devices()[0]
@@ -26,8 +47,11 @@ class SingleDevice:
         return jax.jit(step, donate_argnums=donate_argnums)
 
     def replicate(self, tree: Any) -> Any:
-        """Put state (params, optimiser state, running totals, keys) where the step reads it."""
-        return jax.device_put(tree, self.device)
+        """A copy of state (params, optimiser state, running totals, keys) where the step reads it.
+
+        A copy, because the train step donates its state: the caller's arrays stay usable after `fit`.
+        """
+        return jax.device_put(tree, self.device, may_alias=False)
 
     def shard_batch(self, batch: Any) -> Any:
         """Put one global batch where the step reads it."""
@@ -42,7 +66,138 @@ class SingleDevice:
         return np.asarray(rows)
 
 
-STRATEGIES: dict[str, Callable[[], Any]] = {"single": SingleDevice}
+def _check_num_devices(num_devices: int | None) -> int:
+    available = jax.device_count()
+    if jax.local_device_count() * jax.process_count() != available:
+        raise ValueError(f"every process must hold as many devices as the others: {available} devices over "
+                         f"{jax.process_count()} processes, {jax.local_device_count()} of them here")
+    if num_devices is None:
+        return available
+    if isinstance(num_devices, bool) or not isinstance(num_devices, (int, np.integer)) or num_devices < 1:
+        raise ValueError(f"num_devices must be a positive integer or None, got {num_devices!r}")
+    if num_devices > available:
+        raise ValueError(f"num_devices={num_devices} is larger than the {available} devices there are "
+                         f"({jax.devices()[0].platform})")
+    if jax.process_count() > 1 and num_devices != available:
+        raise ValueError(f"num_devices: with {jax.process_count()} processes the mesh spans all {available} devices, "
+                         f"got {num_devices}")
+    return int(num_devices)
+
+
+def data_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D mesh named `AXIS` over the first `num_devices` devices (all by default), grouped by process.
+
+    Grouping by process puts each process's devices side by side, so its share of a batch is one contiguous slice.
+    """
+    count = _check_num_devices(num_devices)
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))[:count]
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def _is_key(leaf: Any) -> bool:
+    return jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key)
+
+
+def _put(leaf: Any, sharding: NamedSharding, copies: int | None) -> jax.Array:
+    """`leaf` (stacked `copies` times on a new leading axis when given) as a global array with `sharding`.
+
+    The value goes through a host copy: so the result never shares a buffer with `leaf` (which a step donating
+    it would delete; `jax.device_put` reuses the source buffer on its own device), and across processes a device
+    array of one process cannot be sent to another's devices. `jax.device_put` then checks, across processes,
+    that every process passed the same value.
+    """
+    if _is_key(leaf):
+        impl = jax.random.key_impl(leaf)
+        return jax.random.wrap_key_data(_put(jax.random.key_data(leaf), sharding, copies), impl=impl)
+    value = np.array(leaf)
+    return jax.device_put(value if copies is None else np.broadcast_to(value, (copies, *value.shape)), sharding)
+
+
+class Sharded:
+    """Data parallel over a 1-D mesh: params and optimiser state replicated, each batch split on its leading axis.
+
+    The core's step is jitted as it is; XLA reads the shardings of the arguments and inserts the all-reduce that
+    sums the gradients, so the update is the single-device one for the same global batch.
+    """
+
+    name = "sharded"
+    axis_name = None
+
+    def __init__(self, num_devices: int | None = None):
+        self.mesh = data_mesh(num_devices)
+        self.num_replicas = self.mesh.size
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
+
+    def compile(self, step: Callable, donate_argnums: tuple[int, ...] = ()) -> Callable:
+        """`step` jitted once for the whole mesh; shardings come from the placed arguments."""
+        return jax.jit(step, donate_argnums=donate_argnums)
+
+    def replicate(self, tree: Any) -> Any:
+        """A full copy of `tree` on every device of the mesh."""
+        return jax.tree.map(lambda leaf: _put(leaf, self.replicated, None), tree)
+
+    def shard_batch(self, batch: Any) -> Any:
+        """The global batch, built from this process's contiguous slice of it (the whole batch on one process)."""
+        return jax.make_array_from_process_local_data(self.batch_sharding, batch)
+
+    def unreplicate(self, tree: Any) -> Any:
+        """Replicated arrays are already ordinary (global) arrays."""
+        return tree
+
+    def gather_rows(self, rows: jax.Array) -> np.ndarray:
+        """A batch-sharded output as one host array in batch order, on every process."""
+        return np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+
+
+class Pmap:
+    """The `jax.pmap` form: state copied along a leading device axis, each device a slice of the batch.
+
+    The core's step, built with `axis_name`, psums gradients and totals over that axis, which is the pmean of
+    per-device mean gradients weighted by their real rows: the single-device update for the same global batch.
+    """
+
+    name = "pmap"
+    axis_name = AXIS
+
+    def __init__(self, num_devices: int | None = None):
+        self.mesh = data_mesh(num_devices)
+        self.num_replicas = self.mesh.size
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
+        self.local_count = self.num_replicas // self.process_count
+
+    def compile(self, step: Callable, donate_argnums: tuple[int, ...] = ()) -> Callable:
+        """`step` pmapped over the mesh's devices, with gradients and totals psum-ed over `AXIS`."""
+        return jax.pmap(step, axis_name=AXIS, donate_argnums=donate_argnums, devices=list(self.mesh.devices.flat),
+                        axis_size=self.num_replicas)
+
+    def replicate(self, tree: Any) -> Any:
+        """One copy of `tree` per device, stacked on a new leading axis.
+
+        PRNG keys go as their raw uint32 data, which `jax.random` takes alike: pmap across processes cannot take
+        a typed key array that spans them.
+        """
+        raw = jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
+        return jax.tree.map(lambda leaf: _put(leaf, self.sharding, self.num_replicas), raw)
+
+    def shard_batch(self, batch: Any) -> Any:
+        """This process's slice of the global batch, reshaped to (local devices, rows per device, ...)."""
+        local = jax.tree.map(lambda a: np.reshape(a, (self.local_count, -1, *np.shape(a)[1:])), batch)
+        return jax.make_array_from_process_local_data(self.sharding, local)
+
+    def unreplicate(self, tree: Any) -> Any:
+        """The first local device's copy, without the device axis."""
+        return jax.tree.map(lambda leaf: leaf.addressable_shards[0].data[0], tree)
+
+    def gather_rows(self, rows: jax.Array) -> np.ndarray:
+        """A per-device output as one host array in batch order, on every process."""
+        rows = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+        return rows.reshape(-1, *rows.shape[2:])
+
+
+STRATEGIES: dict[str, Callable[[], Any]] = {"single": SingleDevice, "sharded": Sharded, "pmap": Pmap}
 
 
 def get_strategy(strategy: Any = None) -> Any:
@@ -54,3 +209,101 @@ def get_strategy(strategy: Any = None) -> Any:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
         return STRATEGIES[strategy]()
     return strategy
+
+
+def _env_int(name: str, value: int | None) -> int | None:
+    if value is not None or os.environ.get(name) in (None, ""):
+        return value
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {os.environ[name]!r}") from None
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> int:
+    """Join a run of several processes through `jax.distributed.initialize`; returns the process count.
+
+    Each argument left None is read from the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
+    `JAX_PROCESS_ID`); with one process (or none given) nothing is started. Call it before anything else in JAX.
+    """
+    num_processes = _env_int(ENV_NUM_PROCESSES, num_processes)
+    process_id = _env_int(ENV_PROCESS_ID, process_id)
+    coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+    if num_processes is None or num_processes == 1:
+        if process_id not in (None, 0):
+            raise ValueError(f"process_id must be 0 in a run of one process, got {process_id}")
+        return 1
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+    if isinstance(process_id, bool) or not isinstance(process_id, int) or not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id must be in [0, {num_processes}) for {num_processes} processes, got {process_id}")
+    if not coordinator_address or not re.fullmatch(r"\S+:\d+", coordinator_address):
+        raise ValueError(f"coordinator_address must be 'host:port' (process 0's address), got {coordinator_address!r}")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    return num_processes
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on at the moment."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cpu_env(devices_per_process: int, num_processes: int, process_id: int, port: int) -> dict[str, str]:
+    """The environment of one loopback process: CPU only, its device count, and where the coordinator is."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+    root = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ,
+            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip(),
+            "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+            ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(num_processes),
+            ENV_PROCESS_ID: str(process_id)}
+
+
+def launch_local(argv: Sequence[str], num_processes: int, *, devices_per_process: int = 1,
+                 timeout: float = 600.0) -> list[str]:
+    """Run `python argv...` as `num_processes` CPU processes joined on 127.0.0.1; returns each one's output.
+
+    For trying several hosts on one machine: each process gets `devices_per_process` virtual CPU devices and
+    finds the others through the environment that `initialize` reads. If one fails or `timeout` seconds pass,
+    the rest are stopped and a RuntimeError carries the failing process's last output.
+    """
+    for name, value in (("num_processes", num_processes), ("devices_per_process", devices_per_process)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="flaxlesson-launch-") as logs:
+        files = [open(Path(logs) / f"process{i}.log", "w+") for i in range(num_processes)]
+        procs = [subprocess.Popen([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT,
+                                  env=_cpu_env(devices_per_process, num_processes, i, port))
+                 for i, f in enumerate(files)]
+        deadline = time.monotonic() + timeout
+        try:
+            while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            codes = [p.poll() for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        outputs = []
+        for f in files:
+            f.seek(0)
+            outputs.append(f.read())
+            f.close()
+    failed = next((i for i, code in enumerate(codes) if code not in (None, 0)), None)
+    if failed is None and None in codes:
+        failed = codes.index(None)
+    if failed is not None:
+        why = f"exited with code {codes[failed]}" if codes[failed] is not None else f"timed out after {timeout:g}s"
+        tail = "\n".join(outputs[failed].splitlines()[-30:])
+        raise RuntimeError(f"process {failed} of {num_processes} {why}; its last output:\n{tail}")
+    return outputs

@@ -282,6 +282,13 @@ def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
     get_loss(state.loss).check_labels(y, math.prod(out.shape[1:]))
 
 
+def _batches(strategy: Any, x: Any, y: np.ndarray | None, batch_size: int,
+             rng: np.random.Generator | None = None) -> Any:
+    """The strategy's share of each global batch: padded to a multiple of its replicas, this process's slice."""
+    return data.iterate_batches(x, y, batch_size, rng=rng, pad_multiple=strategy.num_replicas,
+                                process_index=strategy.process_index, process_count=strategy.process_count)
+
+
 def _run_totals(strategy: Any, step: Callable, state: Any, batches: Any, *extra: Any) -> dict[str, float]:
     """Run a totals-accumulating step over `batches`; mean loss and accuracy over the real samples."""
     totals = strategy.replicate(zero_totals())
@@ -299,6 +306,7 @@ def fit(
     *,
     epochs: int = 1,
     batch_size: int = 32,
+    initial_epoch: int = 0,
     validation_split: float = 0.0,
     validation_data: tuple[Any, np.ndarray] | None = None,
     shuffle: bool = True,
@@ -314,9 +322,15 @@ def fit(
     and the epoch) and trains the last partial batch. `verbose`: 0 silent, 1 a progress bar and a line per
     epoch, 2 a line per epoch, 'auto' 1 on a terminal else 2. Each callback is called as
     `callback(epoch, logs, state)` after every epoch (checkpoints, early stopping by raising, ...).
+    `strategy` ('single', 'sharded', 'pmap' or a `parallel` strategy object) says where the steps run; each gives
+    the same update for the same global batch. `initial_epoch`, as in Keras, resumes a run: epochs
+    `initial_epoch` .. `epochs - 1` are trained, each shuffled as it would have been in the uninterrupted run.
     """
     _check_positive_int("epochs", epochs)
     _check_positive_int("batch_size", batch_size)
+    if (isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer))
+            or not 0 <= initial_epoch <= epochs):
+        raise ValueError(f"initial_epoch must be an integer in [0, epochs={epochs}], got {initial_epoch!r}")
     _check_xy(state, x, y)
     y = np.asarray(y)
     (x, y), split = data.train_validation_split(x, y, validation_split)
@@ -334,17 +348,17 @@ def fit(
     eval_step = strategy.compile(make_eval_step(state.loss, axis_name=strategy.axis_name), donate_argnums=(1,))
     state = strategy.replicate(state)
     key = strategy.replicate(jax.random.key(seed))
-    first = next(data.iterate_batches(x, y, batch_size, pad_multiple=strategy.num_replicas))
+    first = next(_batches(strategy, x, y, batch_size))
     start = time.perf_counter()
     train_step = train_step.lower(state, strategy.replicate(zero_totals()), strategy.shard_batch(first), key).compile()
     history = History(compile_seconds=time.perf_counter() - start)
 
-    for epoch in range(epochs):
+    for epoch in range(initial_epoch, epochs):
         rng = np.random.default_rng([seed, epoch]) if shuffle else None
         progress = _Progress(steps, enabled=verbose == 1)
         start = time.perf_counter()
         totals = strategy.replicate(zero_totals())
-        for i, batch in enumerate(data.iterate_batches(x, y, batch_size, rng=rng, pad_multiple=strategy.num_replicas)):
+        for i, batch in enumerate(_batches(strategy, x, y, batch_size, rng)):
             state, totals = train_step(state, totals, strategy.shard_batch(batch), key)
             progress.update(i + 1)
         sums = jax.device_get(strategy.unreplicate(totals))
@@ -353,8 +367,7 @@ def fit(
         count = max(float(sums["count"]), 1.0)
         logs = {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count}
         if validation_data is not None:
-            val = _run_totals(strategy, eval_step, state, data.iterate_batches(
-                *validation_data, batch_size, pad_multiple=strategy.num_replicas))
+            val = _run_totals(strategy, eval_step, state, _batches(strategy, *validation_data, batch_size))
             logs |= {f"val_{k}": v for k, v in val.items()}
         history.append(epoch, logs, time.perf_counter() - start, n / train_seconds)
         if verbose:
@@ -372,8 +385,7 @@ def evaluate(state: TrainState, x: Any, y: np.ndarray, *, batch_size: int = 32, 
     _check_xy(state, x, y)
     strategy = parallel.get_strategy(strategy)
     step = strategy.compile(make_eval_step(state.loss, axis_name=strategy.axis_name), donate_argnums=(1,))
-    batches = data.iterate_batches(x, np.asarray(y), batch_size, pad_multiple=strategy.num_replicas)
-    return _run_totals(strategy, step, strategy.replicate(state), batches)
+    return _run_totals(strategy, step, strategy.replicate(state), _batches(strategy, x, np.asarray(y), batch_size))
 
 
 def predict(state: TrainState, x: Any, *, batch_size: int = 32, strategy: Any = None) -> np.ndarray:
@@ -383,6 +395,8 @@ def predict(state: TrainState, x: Any, *, batch_size: int = 32, strategy: Any = 
     strategy = parallel.get_strategy(strategy)
     step = strategy.compile(make_predict_step(state.loss))
     state = strategy.replicate(state)
-    rows = [strategy.gather_rows(step(state, strategy.shard_batch(batch)))[batch["mask"] > 0]
-            for batch in data.iterate_batches(x, None, batch_size, pad_multiple=strategy.num_replicas)]
+    rows = []
+    for batch in _batches(strategy, x, None, batch_size):
+        batch = strategy.shard_batch(batch)
+        rows.append(strategy.gather_rows(step(state, batch))[strategy.gather_rows(batch["mask"]) > 0])
     return np.concatenate(rows)
