@@ -19,7 +19,6 @@ import numpy as np
 import sklearn.datasets
 import sklearn.model_selection
 import sklearn.preprocessing
-import tensorflow_datasets as tfds
 
 Batch = dict[str, Any]
 
@@ -272,13 +271,22 @@ def _linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     return weights
 
 
+def _tfds() -> Any:
+    """tensorflow_datasets, imported on first use: only the TFDS sources need it, and it is slow to import."""
+    try:
+        import tensorflow_datasets
+    except ImportError as e:
+        raise DatasetUnavailableError(f"tensorflow_datasets is not installed ({e}). {OFFLINE_OPTIONS}") from e
+    return tensorflow_datasets
+
+
 def _readable_format(builder: Any) -> bool:
-    return builder.info.file_format in tfds.core.FileFormat.with_random_access()
+    return builder.info.file_format in _tfds().core.FileFormat.with_random_access()
 
 
 def tfds_prepared(name: str, data_dir: str | os.PathLike | None = None) -> bool:
     """Whether TFDS dataset `name` is already prepared in `data_dir` in a format `tfds.data_source` reads."""
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = _tfds().builder(name, data_dir=data_dir)
     return builder.is_prepared() and _readable_format(builder)
 
 
@@ -297,7 +305,7 @@ def _prepare_tfds(name: str, data_dir: str | os.PathLike | None, where: str) -> 
             f"TFDS dataset {name!r} is not prepared in {where}, and preparing it needs TensorFlow (not installed "
             f"here) and network access; reading a prepared one needs neither. {OFFLINE_OPTIONS}")
     try:
-        tfds.data_source(name, data_dir=data_dir, download=True, builder_kwargs={"file_format": "array_record"})
+        _tfds().data_source(name, data_dir=data_dir, download=True, builder_kwargs={"file_format": "array_record"})
     except Exception as e:  # any failure to fetch or build: say what preparing needs and what works offline
         raise DatasetUnavailableError(
             f"TFDS dataset {name!r} is not prepared in {where}, and preparing it failed "
@@ -308,7 +316,7 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None) -> ImageData
     """A TFDS image dataset read as numpy through `tfds.data_source`, prepared first if it is not yet."""
     if name not in TFDS_DATASETS:
         raise ValueError(f"name must be one of {list(TFDS_DATASETS)}, got {name!r}")
-    builder = tfds.builder(name, data_dir=data_dir)
+    builder = _tfds().builder(name, data_dir=data_dir)
     where = str(builder.data_path)
     if builder.is_prepared() and not _readable_format(builder):
         raise DatasetUnavailableError(
@@ -317,8 +325,8 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None) -> ImageData
             f"{OFFLINE_OPTIONS}")
     if not builder.is_prepared():
         _prepare_tfds(name, data_dir, where)
-        builder = tfds.builder(name, data_dir=data_dir)
-    sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False,
+        builder = _tfds().builder(name, data_dir=data_dir)
+    sources = _tfds().data_source(name, split=["train", "test"], data_dir=data_dir, download=False,
                                builder_kwargs={"file_format": builder.info.file_format.value})
     arrays = []
     for source in sources:
@@ -333,9 +341,12 @@ def _choose_auto(data_dir: str | os.PathLike | None) -> tuple[str, str | os.Path
     """`auto`'s choice (dataset, data_dir, why): a given data_dir, else TFDS mnist, the Debian folder, digits."""
     if data_dir is not None:
         return "idx", data_dir, f"data_dir {data_dir} was given"
-    if tfds_prepared("mnist"):
-        return "mnist", None, "TFDS mnist is prepared locally"
-    why = f"TFDS mnist is not prepared in {tfds.builder('mnist').data_path}"
+    try:
+        if tfds_prepared("mnist"):
+            return "mnist", None, "TFDS mnist is prepared locally"
+        why = f"TFDS mnist is not prepared in {_tfds().builder('mnist').data_path}"
+    except DatasetUnavailableError:
+        why = "tensorflow_datasets is not installed"
     if not Path(DEBIAN_FASHION_MNIST).is_dir():
         return "digits", None, f"{why}, and {DEBIAN_FASHION_MNIST} does not exist"
     _, missing = idx_paths(DEBIAN_FASHION_MNIST)

@@ -295,3 +295,19 @@ def test_head_keeps_the_first_images_of_each_split():
 def test_head_rejects_a_limit_below_one():
     with pytest.raises(ValueError, match="limit"):
         data.load_images("digits").head(0)
+
+
+def test_auto_without_tensorflow_datasets_takes_the_offline_sources(tmp_path, monkeypatch):
+    def missing():
+        raise data.DatasetUnavailableError("tensorflow_datasets is not installed")
+
+    monkeypatch.setattr(data, "_tfds", missing)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
+    images = data.load_images("auto")
+    assert images.name == "digits" and "tensorflow_datasets is not installed" in images.source
+
+
+def test_tfds_dataset_without_tensorflow_datasets_names_the_offline_options(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    with pytest.raises(data.DatasetUnavailableError, match="tensorflow_datasets is not installed.*dataset='idx'"):
+        data.load_images("mnist")
