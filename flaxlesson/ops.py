@@ -19,7 +19,8 @@ Layouts are Flax's: images NHWC, kernels HWIO (kh, kw, in, out).
 Why these forms are faster on XLA:CPU (jax 0.10, measured on the project's 2-core machine):
 
 * The gradient of ``nn.max_pool`` is XLA's ``select_and_scatter``, which XLA:CPU runs as a slow
-  scalar loop (about 18 ms for the lesson's first pooling layer at batch 64). Here the pooling
+  scalar loop (the first pooling layer's gradient alone, at batch 64, took longer than the whole
+  fast train step). Here the pooling
   windows are taken as strided slices, the max and the first argmax come out of one variadic
   reduce, and the gradient is a broadcast-compare against that argmax: elementwise work that
   XLA fuses.
@@ -35,8 +36,10 @@ Why these forms are faster on XLA:CPU (jax 0.10, measured on the project's 2-cor
   9-tap multiply-add that XLA fuses with the pooling.
 * ``jax.custom_vjp`` fixes the backward passes, so that XLA:CPU never sees the forms it runs
   slowly (select_and_scatter, transposed-operand convolutions) and so that cheap elementwise
-  producers are not recomputed inside every consumer (XLA:CPU duplicates them; on CPU
-  ``lax.optimization_barrier`` is expanded away before fusion, so it does not prevent that).
+  producers are not recomputed inside every consumer (XLA:CPU fuses a cheap producer into each of
+  its consumers, and ``lax.optimization_barrier`` does not stop it there). Residuals that many
+  consumers read are therefore made by ops XLA does not fuse into consumers: a variadic reduce
+  (max + argmax) and matmuls.
 
 Winograd's transforms add rounding: values and gradients match the direct convolution to about
 1e-6 relative in float32 (tests/test_ops.py checks 1e-5).
