@@ -60,9 +60,6 @@ __all__ = ["max_pool", "conv2d", "conv2d_max_pool", "pooled_size"]
 _DN = ("NHWC", "HWIO", "NHWC")
 # Below this many input channels conv2d_max_pool uses the direct form instead of Winograd.
 _DIRECT_MAX_CHANNELS = 4
-# conv2d_max_pool runs the batch as this many independent parts (when it divides the batch): on the 2-core
-# machine two parts let both cores work on one layer at once (about 8% faster per train step at batch 64).
-BATCH_SPLIT = 2
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -241,20 +238,9 @@ def conv2d_max_pool(x, kernel, window: int = 2):
             f"image {x.shape[1:3]} is too small for a {kh}x{kw} conv followed by a {window}x{window} pool")
     if (kh, kw) != (3, 3) or window != 2:
         return max_pool(conv2d(x, kernel), window)
-    impl = _conv_pool_direct if C <= _DIRECT_MAX_CHANNELS else _conv_pool_winograd
-    n = _split_count(x.shape[0])
-    if n == 1:
-        return impl(x, kernel)
-    # Independent halves of the batch give XLA's thunk executor two chains to run side by side.
-    h = x.shape[0] // n
-    return jnp.concatenate([impl(x[i * h:(i + 1) * h], kernel) for i in range(n)])
-
-
-def _split_count(batch):
-    n = BATCH_SPLIT
-    while n > 1 and batch % n:
-        n -= 1
-    return max(n, 1)
+    if C <= _DIRECT_MAX_CHANNELS:
+        return _conv_pool_direct(x, kernel)
+    return _conv_pool_winograd(x, kernel)
 
 
 # --- direct form (few input channels): 9-tap multiply-adds, fused by XLA with the pool ---------
