@@ -90,7 +90,7 @@ def pooled_size(n: int, window: int = 2) -> int:
 
 
 def _max_argmax(stack):
-    """Max and FIRST argmax (int8) over axis 0, from one variadic reduce.
+    """Max and FIRST argmax (int8 up to 127 candidates) over axis 0, from one variadic reduce.
 
     One reduce gives XLA one fusion that writes both results; a separate ``max`` and
     ``argmax`` would each recompute the stacked operand.
@@ -105,7 +105,7 @@ def _max_argmax(stack):
 
     init = (jnp.array(-jnp.inf, stack.dtype), jnp.array(0, jnp.int32))
     m, i = lax.reduce((stack, iota), init, pick, (0,))
-    return m, i.astype(jnp.int8)
+    return m, i.astype(jnp.int8 if stack.shape[0] <= 127 else jnp.int32)
 
 
 def _upsample(a, k):
@@ -159,9 +159,9 @@ def _max_pool_bwd(k, res, g):
     idx, shape = res
     B, H, W, C = shape
     Hp, Wp = idx.shape[1], idx.shape[2]
-    pos = (lax.broadcasted_iota(jnp.int8, (B, Hp * k, Wp * k, C), 1) % k) * k \
-        + lax.broadcasted_iota(jnp.int8, (B, Hp * k, Wp * k, C), 2) % k
-    dx = jnp.where(pos == _upsample(idx, k), _upsample(g, k), jnp.zeros((), g.dtype))
+    full = (B, Hp * k, Wp * k, C)
+    pos = (lax.broadcasted_iota(jnp.int32, full, 1) % k) * k + lax.broadcasted_iota(jnp.int32, full, 2) % k
+    dx = jnp.where(pos == _upsample(idx.astype(jnp.int32), k), _upsample(g, k), jnp.zeros((), g.dtype))
     return (jnp.pad(dx, ((0, 0), (0, H - Hp * k), (0, W - Wp * k), (0, 0))),)
 
 

@@ -55,6 +55,8 @@ def same_vjp(fast, plain, args, seed=99, tol=1e-5):
     ((2, 26, 26, 4), 2),
     ((2, 10, 8, 3), 3),     # 10 -> 3, 8 -> 2
     ((1, 5, 5, 1), 5),
+    ((1, 260, 7, 2), 2),    # more rows than an int8 index holds
+    ((1, 13, 13, 1), 12),   # 144 candidates per window
 ])
 def test_max_pool_matches_nn_max_pool(shape, window):
     x = rand(0, shape)
