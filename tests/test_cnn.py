@@ -1,7 +1,9 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from experiments import cnn_mnist
@@ -118,3 +120,20 @@ def test_script_reports_an_unavailable_source_as_a_usage_error(tmp_path, capsys)
         cnn_mnist.main(["--dataset", "idx", "--data-dir", str(tmp_path), "--out", str(tmp_path)])
     assert exit_.value.code == 2
     assert "lacks train-images-idx3-ubyte.gz" in capsys.readouterr().err
+
+
+def test_fast_cnn_equals_the_plain_form_in_value_and_gradient():
+    x = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
+    y = jnp.array([1, 7, 3])
+    fast, plain = models.CNN(), models.CNN(fast=False)
+    params = fast.init(jax.random.key(1), x)["params"]
+    assert jax.tree.structure(params) == jax.tree.structure(plain.init(jax.random.key(1), x)["params"])
+
+    def loss(model, p):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
+
+    np.testing.assert_allclose(fast.apply({"params": params}, x), plain.apply({"params": params}, x), rtol=1e-5,
+                               atol=1e-5)
+    grads = [jax.grad(loss, argnums=1)(m, params) for m in (fast, plain)]
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
