@@ -4,7 +4,8 @@
     python experiments/benchmark.py --keras-python /tmp/keras-ref/bin/python --out runs/benchmark
 
 Two kinds of figure. Steps: compile seconds, train and eval samples/s of the bare jitted step at the lesson's
-batch size (MLP 10, CNN 64, RNN 1), one batch resident on the device. Lesson fits: each section's own recipe
+batch size (MLP 10, CNN 64, RNN 1), one batch resident on the device; the CNN also in its plain
+nn.Conv + nn.max_pool form, to show what the fast conv + pool layer gains. Lesson fits: each section's own recipe
 timed end to end as Keras's `fit` is (compile, host batching and validation included): the MLP's 30 epochs on
 Iris, the RNN's 10 epochs on the toy, the CNN's epochs on the image data. Also augmentation images/s and peak
 memory. With --keras-python the reference scripts run in the same sitting and each ratio is printed.
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
         "cnn": bench_steps(models.CNN(), rng.random((64, 28, 28, 1), np.float32),
                            rng.integers(0, 10, 64).astype(np.int32), "sparse_categorical_crossentropy",
                            args.steps, args.repeats),
+        "cnn_plain": bench_steps(models.CNN(fast=False), rng.random((64, 28, 28, 1), np.float32),
+                                 rng.integers(0, 10, 64).astype(np.int32), "sparse_categorical_crossentropy",
+                                 args.steps, args.repeats),
         "rnn": bench_steps(models.SimpleRNNClassifier(50, num_classes=1), rng.integers(0, 10, (1, 5)),
                            np.ones(1, np.float32), "binary_crossentropy", args.steps, args.repeats),
     }}
