@@ -40,23 +40,3 @@ class ConvMaxPool(nn.Module):
         y = ops.conv2d_max_pool(x, kernel, self.window) + bias
         return y if self.activation is None else self.activation(y)
 
-
-class Conv2D(nn.Module):
-    """Keras's ``Conv2D(features, kernel_size)`` with 'valid' padding and stride 1, as `ops.conv2d` (no activation)."""
-
-    features: int
-    kernel_size: Sequence[int] = (3, 3)
-    kernel_init: Callable = glorot_uniform
-    bias_init: Callable = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kh, kw = tuple(self.kernel_size)
-        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
-        bias = self.param("bias", self.bias_init, (self.features,))
-        return ops.conv2d(x, kernel) + bias
-
-
-def MaxPool2D(x: jax.Array, window: int = 2) -> jax.Array:
-    """Keras's ``MaxPooling2D(window)`` (stride = window, 'valid', floors odd sizes) as `ops.max_pool`."""
-    return ops.max_pool(x, window)

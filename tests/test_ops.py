@@ -152,15 +152,6 @@ def test_conv_max_pool_layer_has_nn_conv_params_and_outputs():
     same_vjp(lambda p: Fast().apply(p, x), lambda p: Plain().apply(p, x), (p,))
 
 
-def test_conv2d_layer_and_max_pool2d():
-    x = rand(15, (2, 9, 9, 3))
-    m = layers.Conv2D(4)
-    p = m.init(jax.random.key(0), x)
-    ref = plain_conv(x, p["params"]["kernel"]) + p["params"]["bias"]
-    close(m.apply(p, x), ref)
-    close(layers.MaxPool2D(ref), plain_pool(ref))
-
-
 # ---------------------------------------------------------------------------- bad input
 
 def test_bad_inputs_raise_clear_errors():
