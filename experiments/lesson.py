@@ -81,7 +81,7 @@ SECTIONS = (
             "state = training.create_train_state(models.SimpleRNNClassifier(50, num_classes=1), x[:1],\n"
             "                                    loss='binary_crossentropy')\n"
             "state, history = training.fit(state, x, y, epochs=10, batch_size=1)",
-        figures=("padded", "predictions", "history"),
+        figures=("padded_x", "predictions", "train_accuracy", "train_seconds"),
         keras_result="rnn"),
     Section(
         key="rnn_rows", title="2.2 (further) Images read row by row: a real sequence task, and masking",
@@ -113,7 +113,8 @@ SECTIONS = (
               "model.fit(X, y, epochs=5, batch_size=32)",
         jax="state, history = training.fit(state, x, y, epochs=5, batch_size=32, strategy='sharded')\n"
             "# a 1-D Mesh over every device: params replicated, each batch split on its leading axis",
-        figures=("num_devices", "num_processes", "step_seconds", "max_abs_param_diff"),
+        figures=("strategy", "num_devices", "num_processes", "step_seconds", "single_device_step_seconds",
+                 "max_abs_param_diff"),
         keras_result="dist",
         env=(("XLA_FLAGS", "--xla_force_host_platform_device_count=8"),)),
 )
@@ -176,8 +177,22 @@ def run_keras(python: str, quick: bool) -> dict[str, str]:
 def _figure(value) -> str:
     if isinstance(value, float):
         return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
-    text = json.dumps(value)
-    return text if len(text) <= 200 else text[:200] + " ..."
+    return json.dumps(value)
+
+
+def _figure_rows(metrics: dict, keys: tuple[str, ...]) -> list[str]:
+    """Table rows for the chosen figures; a dict becomes one row per entry (`masking.with...`), curves left out."""
+    rows = []
+    for key in keys:
+        if key not in metrics:
+            continue
+        value = metrics[key]
+        if isinstance(value, dict):
+            inner = {f"{key}.{k}": v for k, v in value.items() if k != "history"}
+            rows += _figure_rows(inner, tuple(inner))
+        else:
+            rows.append(f"| {key} | {_figure(value)} |")
+    return rows
 
 
 def write_report(out: Path, results: dict[str, dict], keras: dict[str, str], quick: bool) -> Path:
@@ -200,9 +215,9 @@ def write_report(out: Path, results: dict[str, dict], keras: dict[str, str], qui
                   "Keras:", "```python", section.keras, "```", "JAX/Flax:", "```python", section.jax, "```"]
         if not r["ok"]:
             lines += ["**This section failed.** The end of its output:", "```", r["error"], "```"]
-        figures = [(k, r["metrics"][k]) for k in section.figures if k in r["metrics"]]
+        figures = _figure_rows(r["metrics"], section.figures)
         if figures:
-            lines += ["", "| figure | value |", "| --- | --- |"] + [f"| {k} | {_figure(v)} |" for k, v in figures]
+            lines += ["", "| figure | value |", "| --- | --- |"] + figures
         if section.keras_result in keras:
             lines += ["", "Keras reference, same machine, same sitting:", "```", keras[section.keras_result], "```"]
         lines += [f"\n![{name}]({section.key}/{name})" for name in r["plots"]]
