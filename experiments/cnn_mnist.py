@@ -9,7 +9,7 @@ import argparse
 import numpy as np
 import sklearn.metrics
 
-from flaxlesson import augment, data, models, plots, results, training
+from flaxlesson import augment, checkpoint, data, models, plots, results, training
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -26,8 +26,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=None,
                         help="use only the first N training and N test images (quick runs)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the shuffling")
+    parser.add_argument("--checkpoint-dir", help="save the train state here after every epoch")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
     parser.add_argument("--out", default="runs/cnn_mnist")
     args = parser.parse_args(argv)
+    if args.resume and not args.checkpoint_dir:
+        parser.error("--resume needs --checkpoint-dir")
     try:
         images = data.load_images(args.dataset, args.data_dir).head(args.limit)
     except (ValueError, data.DatasetUnavailableError) as e:
@@ -37,10 +41,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = models.CNN(num_classes=images.num_classes)
     state = training.create_train_state(model, images.x_train[:1], seed=args.seed)
+    try:
+        state, initial_epoch, callbacks = checkpoint.resume_or_start(args.checkpoint_dir, state, resume=args.resume,
+                                                                     strategy=args.strategy)
+    except checkpoint.CheckpointError as e:
+        parser.error(f"--checkpoint-dir: {e}")
     state, history = training.fit(state, images.x_train, images.y_train, epochs=args.epochs,
                                   batch_size=args.batch_size, validation_split=args.validation_split,
-                                  seed=args.seed, strategy=args.strategy,
-                                  augment=augment.LESSON_GENERATOR if args.augment else None)
+                                  seed=args.seed, strategy=args.strategy, initial_epoch=initial_epoch,
+                                  callbacks=callbacks, augment=augment.LESSON_GENERATOR if args.augment else None)
     test = training.evaluate(state, images.x_test, images.y_test, strategy=args.strategy)
     y_pred = training.predict(state, images.x_test, strategy=args.strategy).argmax(axis=1)
     matrix = sklearn.metrics.confusion_matrix(images.y_test, y_pred, labels=np.arange(images.num_classes))
@@ -49,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "history": history.history,
-        "train_samples_per_second": float(np.median(history.samples_per_second)),
+        "train_samples_per_second": float(np.median(history.samples_per_second or [0.0])),
         "samples_per_second_per_epoch": history.samples_per_second,
         "train_seconds": float(np.sum(history.seconds)),
         "compile_seconds": history.compile_seconds,

@@ -97,12 +97,8 @@ def train(args: argparse.Namespace) -> dict:
     state = training.create_train_state(model, x[:1], seed=args.seed)
     strategy = parallel.get_strategy(args.strategy)
     lead = jax.process_index() == 0
-    initial_epoch = 0
-    if args.resume and checkpoint.latest_epoch(args.checkpoint_dir) is not None:
-        state, initial_epoch = checkpoint.restore(args.checkpoint_dir, state, strategy=strategy)
-        print(f"Resumed from {args.checkpoint_dir} after epoch {initial_epoch}", flush=True)
-    callbacks = [checkpoint.ModelCheckpoint(args.checkpoint_dir, state, initial_epoch=initial_epoch)] \
-        if args.checkpoint_dir else []
+    state, initial_epoch, callbacks = checkpoint.resume_or_start(args.checkpoint_dir, state, resume=args.resume,
+                                                                 strategy=strategy)
     same = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed}
     state, history = training.fit(state, x, y, initial_epoch=initial_epoch, strategy=strategy, callbacks=callbacks,
                                   verbose=2 if lead else 0, **same)

@@ -161,3 +161,21 @@ class ModelCheckpoint:
         """Save the state after `epoch` (0-based), as the checkpoint of `epoch + 1` trained epochs."""
         save(self.directory, state, epoch + 1, max_to_keep=self.max_to_keep)
 
+
+
+def resume_or_start(directory: str | os.PathLike | None, state: Any, *, resume: bool = False,
+                    strategy: Any = None) -> tuple[Any, int, list[ModelCheckpoint]]:
+    """A script's `--checkpoint-dir`/`--resume`: the state to train from, its `initial_epoch`, and fit's callbacks.
+
+    With `resume`, the newest checkpoint in `directory` (if any) replaces `state`; with a directory, every epoch
+    is saved there. Without one, `state` is returned as it is and nothing is saved.
+    """
+    if directory is None:
+        if resume:
+            raise ValueError("resume needs a checkpoint directory")
+        return state, 0, []
+    initial_epoch = 0
+    if resume and latest_epoch(directory) is not None:
+        state, initial_epoch = restore(directory, state, strategy=strategy)
+        print(f"Resumed from {directory} after epoch {initial_epoch}", flush=True)
+    return state, initial_epoch, [ModelCheckpoint(directory, state, initial_epoch=initial_epoch)]

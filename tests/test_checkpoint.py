@@ -132,3 +132,14 @@ def test_restoring_a_missing_epoch_is_refused(tmp_path):
 def test_bad_initial_epoch_is_rejected(initial_epoch):
     with pytest.raises(ValueError, match="initial_epoch"):
         _fit(_state(), 4, initial_epoch=initial_epoch)
+
+
+def test_resume_or_start_without_a_directory_saves_nothing():
+    state = _state()
+    started, initial_epoch, callbacks = checkpoint.resume_or_start(None, state)
+    assert started is state and initial_epoch == 0 and callbacks == []
+
+
+def test_resume_without_a_directory_is_rejected():
+    with pytest.raises(ValueError, match="resume needs a checkpoint directory"):
+        checkpoint.resume_or_start(None, _state(), resume=True)

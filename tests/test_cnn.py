@@ -137,3 +137,15 @@ def test_fast_cnn_equals_the_plain_form_in_value_and_gradient():
     grads = [jax.grad(loss, argnums=1)(m, params) for m in (fast, plain)]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_script_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tmp_path):
+    common = ["--dataset", "digits", "--limit", "200", "--batch-size", "50"]
+    whole = cnn_mnist.main([*common, "--epochs", "2", "--out", str(tmp_path / "whole")])
+    ckpt = str(tmp_path / "ckpt")
+    cnn_mnist.main([*common, "--epochs", "1", "--checkpoint-dir", ckpt, "--out", str(tmp_path / "first")])
+    resumed = cnn_mnist.main([*common, "--epochs", "2", "--checkpoint-dir", ckpt, "--resume",
+                              "--out", str(tmp_path / "resumed")])
+    assert len(resumed["history"]["loss"]) == 1
+    np.testing.assert_allclose(resumed["history"]["loss"][0], whole["history"]["loss"][1], rtol=1e-5)
+    np.testing.assert_allclose(resumed["test_accuracy"], whole["test_accuracy"], atol=1e-6)
