@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from flaxlesson.training import History  # noqa: E402
@@ -22,6 +23,7 @@ def history_curves(history: History, path: str | os.PathLike, title: str = "") -
             if key in history.history:
                 ax.plot(epochs, history.history[key], style, label=key)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend()
