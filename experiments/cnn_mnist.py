@@ -57,11 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
-        "history": history.history,
-        "train_samples_per_second": float(np.median(history.samples_per_second or [0.0])),
-        "samples_per_second_per_epoch": history.samples_per_second,
-        "train_seconds": float(np.sum(history.seconds)),
-        "compile_seconds": history.compile_seconds,
+        **history.summary(),
         "dataset": images.name,
         "dataset_source": images.source,
         "class_names": images.class_names,

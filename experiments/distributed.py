@@ -118,10 +118,8 @@ def train(args: argparse.Namespace) -> dict:
         "initial_epoch": initial_epoch,
         "step_seconds": _step_seconds(history, args.samples, args.batch_size),
         "single_device_step_seconds": _step_seconds(single, args.samples, args.batch_size),
-        "train_samples_per_second": float(np.median(history.samples_per_second)) if history.epoch else None,
-        "compile_seconds": history.compile_seconds,
         "max_abs_param_diff": diff,
-        "history": history.history,
+        **history.summary(),
         "settings": {k: v for k, v in vars(args).items() if k not in ("coordinator", "process_id")},
     }
     results.write_metrics(args.out, metrics)

@@ -41,11 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
         "test_accuracy_per_seed": accuracies,
         "test_accuracy_min": min(accuracies),
         "test_accuracy_max": max(accuracies),
-        "history": first.history,
         "fit_seconds_median": float(np.median(fit_seconds)),
-        "train_seconds": float(np.sum(first.seconds)),
-        "compile_seconds": first.compile_seconds,
-        "train_samples_per_second": float(np.median(first.samples_per_second)),
+        **first.summary(),
         "settings": vars(args),
     }
     results.write_metrics(args.out, metrics)

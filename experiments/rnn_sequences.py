@@ -24,12 +24,6 @@ DEFAULTS = {"lesson": {"epochs": 10, "batch_size": 1, "validation_split": 0.0},
 ACTIVATIONS = {"relu": nn.relu, "tanh": nn.tanh}
 
 
-def _fit_summary(history: training.History) -> dict:
-    return {"history": history.history, "train_samples_per_second": float(np.median(history.samples_per_second)),
-            "samples_per_second_per_epoch": history.samples_per_second,
-            "train_seconds": float(np.sum(history.seconds)), "compile_seconds": history.compile_seconds}
-
-
 Curves = dict[str, tuple[training.History, str]]
 
 
@@ -46,7 +40,7 @@ def lesson(args: argparse.Namespace) -> tuple[dict, Curves]:
     y_pred = training.predict(state, x)
     print(f"Predictions: {y_pred.tolist()}", flush=True)
     metrics = {"padded_x": x, "y": y, "predictions": y_pred, "train_accuracy": history.history["accuracy"][-1],
-               **_fit_summary(history)}
+               **history.summary()}
     return metrics, {"curves.png": (history, "SimpleRNN on the lesson's toy")}
 
 
@@ -94,7 +88,7 @@ def _masking(args: argparse.Namespace, rows: dict[str, np.ndarray], labels: dict
                 state, x, labels["test"], batch_size=256)["accuracy"]
             probabilities.append(training.predict(state, x, batch_size=256))
         scores["max_probability_change_from_extra_padding"] = float(np.abs(probabilities[1] - probabilities[0]).max())
-        out[name] = {**scores, **_fit_summary(histories[name])}
+        out[name] = {**scores, **histories[name].summary()}
         print(f"  {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
     return out, histories
 
@@ -120,7 +114,7 @@ def rows_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
                                   seed=args.seed, verbose=2)
     test = training.evaluate(state, rows["test"], labels["test"], batch_size=256)
     print(f"Test accuracy (whole images, row by row): {test['accuracy']:.4f}", flush=True)
-    metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], **_fit_summary(history),
+    metrics = {"test_accuracy": test["accuracy"], "test_loss": test["loss"], **history.summary(),
                "dataset": images.name, "dataset_source": images.source, "class_names": images.class_names,
                "train_test_sizes": [len(rows["train"]), len(rows["test"])]}
     curves = {"curves.png": (history, f"SimpleRNN on {images.name}, row by row")}

@@ -217,6 +217,13 @@ class History:
         self.seconds.append(seconds)
         self.samples_per_second.append(samples_per_second)
 
+    def summary(self) -> dict[str, Any]:
+        """The figures every experiment reports of a fit: curves, speed (median epoch; None if none ran), times."""
+        return {"history": self.history,
+                "train_samples_per_second": float(np.median(self.samples_per_second)) if self.epoch else None,
+                "samples_per_second_per_epoch": self.samples_per_second,
+                "train_seconds": float(np.sum(self.seconds)), "compile_seconds": self.compile_seconds}
+
 
 class _Progress:
     """A Keras-like progress bar on a terminal; silent elsewhere and on short epochs."""

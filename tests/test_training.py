@@ -208,3 +208,16 @@ def test_augment_never_touches_validation_data():
                                     verbose=0)
     expected = training.evaluate(trained, x[8:], y[8:])
     np.testing.assert_allclose(history.history["val_loss"][0], expected["loss"], rtol=1e-5)
+
+
+def test_history_summary_reports_median_speed_and_total_seconds():
+    x, y = _toy()
+    _, history = training.fit(_state(), x, y, epochs=3, batch_size=8, verbose=0)
+    summary = history.summary()
+    assert summary["train_samples_per_second"] == np.median(history.samples_per_second)
+    assert summary["train_seconds"] == np.sum(history.seconds)
+    assert summary["history"] is history.history
+
+
+def test_history_summary_of_no_epochs_has_no_speed():
+    assert training.History().summary()["train_samples_per_second"] is None
