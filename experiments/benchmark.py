@@ -20,15 +20,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 
-from flaxlesson import augment, data, models, results, training
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+from experiments import augmentation  # noqa: E402
+from flaxlesson import augment, data, models, results, training  # noqa: E402
+
+REFERENCE = ROOT.parent / "shared" / "reference"
 
 
 def _median_rate(run: Callable[[], None], items: int, repeats: int) -> float:
@@ -97,17 +101,6 @@ def bench_lesson_fits(cnn_epochs: int, seeds: int) -> dict:
             "cnn_last_epoch_samples_per_second": history.samples_per_second[-1]}
 
 
-def bench_augment(repeats: int) -> dict:
-    """Images/s of the lesson's ImageDataGenerator, jitted and batched, on 256 28x28x1 images."""
-    images = jax.device_put(np.random.default_rng(0).random((256, 28, 28, 1), np.float32))
-    run = jax.jit(augment.augment, static_argnums=2)
-    keys = list(jax.random.split(jax.random.key(0), 20))
-    jax.block_until_ready(run(keys[0], images, augment.LESSON_GENERATOR))
-    rate = _median_rate(lambda: jax.block_until_ready([run(k, images, augment.LESSON_GENERATOR) for k in keys]),
-                        len(keys) * 256, repeats)
-    return {"images_per_second": rate, "batch_size": 256}
-
-
 def run_keras(python: str, cnn_epochs: int, seeds: int) -> dict:
     """The lesson's Keras code (../shared/reference) in `python`, in this sitting; its RESULT figures."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "EPOCHS": str(cnn_epochs), "SEEDS": str(seeds),
@@ -162,7 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
     }}
     for name, figures in metrics["steps"].items():
         print(f"{name} step: " + ", ".join(f"{k} {v:,.2f}" for k, v in figures.items()), flush=True)
-    metrics["augmentation"] = bench_augment(args.repeats)
+    images = np.random.default_rng(0).random((256, 28, 28, 1), np.float32)
+    metrics["augmentation"] = {"batch_size": 256, "images_per_second": augmentation.images_per_second(
+        images, augment.LESSON_GENERATOR, repeats=args.repeats)}
     print(f"augmentation: {metrics['augmentation']['images_per_second']:,.0f} images/s", flush=True)
     metrics["lesson_fits"] = bench_lesson_fits(args.cnn_epochs, args.seeds)
     print("lesson fits: " + ", ".join(f"{k} {v}" for k, v in metrics["lesson_fits"].items()), flush=True)
