@@ -13,10 +13,7 @@ memory. With --keras-python the reference scripts run in the same sitting and ea
 """
 
 import argparse
-import os
-import re
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -29,10 +26,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments import augmentation  # noqa: E402
+from experiments import augmentation, keras_reference  # noqa: E402
 from flaxlesson import augment, data, models, results, training  # noqa: E402
 
-REFERENCE = ROOT.parent / "shared" / "reference"
 
 
 def _median_rate(run: Callable[[], None], items: int, repeats: int) -> float:
@@ -101,30 +97,18 @@ def bench_lesson_fits(cnn_epochs: int, seeds: int) -> dict:
             "cnn_last_epoch_samples_per_second": history.samples_per_second[-1]}
 
 
-def run_keras(python: str, cnn_epochs: int, seeds: int) -> dict:
-    """The lesson's Keras code (../shared/reference) in `python`, in this sitting; its RESULT figures."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "EPOCHS": str(cnn_epochs), "SEEDS": str(seeds),
-           "IDX_DIR": data.DEBIAN_FASHION_MNIST}
-    found = {}
-    for argv in ([python, str(REFERENCE / "keras_rest.py"), "mlp", "rnn", "aug"],
-                 [python, str(REFERENCE / "keras_cnn.py")]):
-        print(f"$ {' '.join(argv)}", flush=True)
-        out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
-        steps = re.findall(r"^\d+/\d+ - \S+ - (\d+)ms/step", out, flags=re.M)
-        if steps:
-            found["cnn_last_epoch_ms_per_step"] = steps[-1]
-        for line in out.splitlines():
-            if line.startswith("RESULT"):
-                print(line, flush=True)
-                found.update({f"{'cnn' if 'framework' in line else line.split()[1]}_{k}": v
-                              for k, v in re.findall(r"(\w+)=([^\s]+)", line)})
+def keras_figures(python: str, cnn_epochs: int, seeds: int) -> dict:
+    """The lesson's Keras code run in `python` (experiments/keras_reference.py), in this sitting: its figures."""
+    keras = keras_reference.run(python, cnn_epochs=cnn_epochs, seeds=seeds, examples=("mlp", "rnn", "aug"))
+    if keras.errors or keras.cnn_ms_per_step is None:
+        raise RuntimeError(f"the Keras reference failed:\n{keras.errors}")
     return {
-        "mlp_fit_seconds_median": float(found["mlp_fit_s_median"]),
-        "rnn_fit_seconds": float(found["rnn_fit_s"]),
-        "augmentation_images_per_second": float(found["aug_images_per_s"]),
-        "cnn_fit_samples_per_second": 54000 * cnn_epochs / float(found["cnn_fit_s"]),
-        "cnn_last_epoch_samples_per_second": 64 / (float(found["cnn_last_epoch_ms_per_step"]) / 1000),
-        "cnn_test_accuracy": float(found["cnn_test_acc"]),
+        "mlp_fit_seconds_median": float(keras.figures("mlp")["fit_s_median"]),
+        "rnn_fit_seconds": float(keras.figures("rnn")["fit_s"]),
+        "augmentation_images_per_second": float(keras.figures("aug")["images_per_s"]),
+        "cnn_fit_samples_per_second": 54000 * cnn_epochs / float(keras.figures("cnn")["fit_s"]),
+        "cnn_last_epoch_samples_per_second": 64 / (keras.cnn_ms_per_step / 1000),
+        "cnn_test_accuracy": float(keras.figures("cnn")["test_acc"]),
     }
 
 
@@ -163,8 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     print("lesson fits: " + ", ".join(f"{k} {v}" for k, v in metrics["lesson_fits"].items()), flush=True)
     metrics["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.keras_python:
-        keras = metrics["keras"] = run_keras(args.keras_python, args.cnn_epochs, args.seeds)
-        ours = {**metrics["lesson_fits"], "augmentation_images_per_second": metrics["augmentation"]["images_per_second"]}
+        keras = metrics["keras"] = keras_figures(args.keras_python, args.cnn_epochs, args.seeds)
+        ours = {**metrics["lesson_fits"],
+                "augmentation_images_per_second": metrics["augmentation"]["images_per_second"]}
         # Seconds: Keras's over ours; rates: ours over Keras's. Above 1 means the port is faster.
         metrics["speedup_over_keras"] = {
             "mlp_fit": keras["mlp_fit_seconds_median"] / ours["mlp_fit_seconds_median"],

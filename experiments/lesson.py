@@ -13,15 +13,15 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-REFERENCE = ROOT.parent / "shared" / "reference"
-FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+sys.path.insert(0, str(ROOT))
+
+from experiments import keras_reference  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,26 +154,6 @@ def _has_accelerator() -> bool:
     return probe.stdout.strip() not in ("cpu", "")
 
 
-def run_keras(python: str, quick: bool) -> dict[str, str]:
-    """The lesson's own Keras code (../shared/reference) in `python`: its RESULT lines by example name."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "EPOCHS": "1" if quick else "5",
-           "SEEDS": "1" if quick else "5", "IDX_DIR": os.environ.get("IDX_DIR", FASHION_MNIST)}
-    lines = {}
-    for argv in ([python, str(REFERENCE / "keras_rest.py"), "mlp", "rnn", "aug", "dist"],
-                 [python, str(REFERENCE / "keras_cnn.py")]):
-        print(f"\n=== Keras reference\n$ {' '.join(argv)}", flush=True)
-        done = subprocess.run(argv, env=env, capture_output=True, text=True)
-        for line in done.stdout.splitlines():
-            if line.startswith("RESULT"):
-                print(line, flush=True)
-                name = line.split()[1]
-                lines["cnn" if name.startswith("framework=keras") else name] = line
-        if done.returncode:
-            lines.setdefault("error", "")
-            lines["error"] += f"{' '.join(argv[1:])} exited {done.returncode}: {done.stderr.strip()[-500:]}\n"
-    return lines
-
-
 def _figure(value) -> str:
     if isinstance(value, float):
         return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
@@ -195,7 +175,8 @@ def _figure_rows(metrics: dict, keys: tuple[str, ...]) -> list[str]:
     return rows
 
 
-def write_report(out: Path, results: dict[str, dict], keras: dict[str, str], quick: bool) -> Path:
+def write_report(out: Path, results: dict[str, dict], keras: keras_reference.KerasRun | None,
+                 quick: bool) -> Path:
     """`out/report.md`: per section the Keras call, its JAX/Flax replacement, figures, plots and seconds."""
     lines = ["# The lesson, run end to end" + (" (quick settings)" if quick else ""), "",
              "Each section: the Keras code it replaces, the JAX/Flax code that replaced it, its figures and plots.",
@@ -218,11 +199,12 @@ def write_report(out: Path, results: dict[str, dict], keras: dict[str, str], qui
         figures = _figure_rows(r["metrics"], section.figures)
         if figures:
             lines += ["", "| figure | value |", "| --- | --- |"] + figures
-        if section.keras_result in keras:
-            lines += ["", "Keras reference, same machine, same sitting:", "```", keras[section.keras_result], "```"]
+        if keras is not None and section.keras_result in keras.lines:
+            lines += ["", "Keras reference, same machine, same sitting:", "```", keras.lines[section.keras_result],
+                      "```"]
         lines += [f"\n![{name}]({section.key}/{name})" for name in r["plots"]]
-    if keras.get("error"):
-        lines += ["", "## Keras reference errors", "```", keras["error"], "```"]
+    if keras is not None and keras.errors:
+        lines += ["", "## Keras reference errors", "```", keras.errors, "```"]
     path = out / "report.md"
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
@@ -240,14 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    results, keras = {}, {}
+    results, keras = {}, None
     for section in SECTIONS:
         if args.only and section.key not in args.only:
             continue
         results[section.key] = run_section(section, out, args.quick)
         write_report(out, results, keras, args.quick)
     if args.keras_python:
-        keras = run_keras(args.keras_python, args.quick)
+        keras = keras_reference.run(args.keras_python, cnn_epochs=1 if args.quick else 5,
+                                    seeds=1 if args.quick else 5)
         write_report(out, results, keras, args.quick)
     failed = [key for key, r in results.items() if not r["ok"]]
     print(f"\nreport: {out / 'report.md'} ({time.perf_counter() - start:.0f} s; "
