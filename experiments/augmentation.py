@@ -20,8 +20,9 @@ LESSON = augment.LESSON_GENERATOR
 BATCH_SIZE = 256
 
 
-def images_per_second(images: np.ndarray, config: augment.ImageDataGenerator, calls: int = 20,
-                      repeats: int = 10) -> float:
+def images_per_second(
+    images: np.ndarray, config: augment.ImageDataGenerator, calls: int = 20, repeats: int = 10
+) -> float:
     """Median images/s of `jax.jit(augment, static_argnums=2)` on `images`, after compiling, every call finished."""
     run = jax.jit(augment.augment, static_argnums=2)
     images = jax.device_put(images)
@@ -53,12 +54,13 @@ def main(argv: list[str] | None = None) -> dict:
     plots.augmentation_grid(image, np.asarray(augmented), Path(args.out) / "augmentation.png")
 
     rate = images_per_second(np.resize(dataset.x_test, (BATCH_SIZE, *image.shape)), LESSON)
-    metrics = {"images_per_second": rate, "dataset": dataset.name, "config": dataclasses.asdict(LESSON),
-               "n": args.n}
+    metrics = {"images_per_second": rate, "dataset": dataset.name, "config": dataclasses.asdict(LESSON), "n": args.n}
     results.write_metrics(args.out, metrics)
-    print(f"{dataset.name} test image 0 ({dataset.class_names[int(dataset.y_test[0])]}) and {args.n} augmented "
-          f"versions -> {args.out}/augmentation.png; augment: {rate:,.0f} images/s (batch {BATCH_SIZE}) "
-          f"-> {args.out}/metrics.json")
+    print(
+        f"{dataset.name} test image 0 ({dataset.class_names[int(dataset.y_test[0])]}) and {args.n} augmented "
+        f"versions -> {args.out}/augmentation.png; augment: {rate:,.0f} images/s (batch {BATCH_SIZE}) "
+        f"-> {args.out}/metrics.json"
+    )
     return metrics
 
 

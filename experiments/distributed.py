@@ -47,11 +47,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu-devices", type=int, help="virtual CPU devices per process (for trying on a CPU)")
     # String defaults from the environment go through `type`, so a bad value is a flag error like any other.
-    parser.add_argument("--processes", type=int, default=os.environ.get(parallel.ENV_NUM_PROCESSES) or 1,
-                        help="processes in the run; without --process-id, start them all here on 127.0.0.1")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=os.environ.get(parallel.ENV_NUM_PROCESSES) or 1,
+        help="processes in the run; without --process-id, start them all here on 127.0.0.1",
+    )
     parser.add_argument("--process-id", type=int, default=os.environ.get(parallel.ENV_PROCESS_ID) or None)
-    parser.add_argument("--coordinator", default=os.environ.get(parallel.ENV_COORDINATOR),
-                        help="HOST:PORT of process 0 when the processes run on several hosts")
+    parser.add_argument(
+        "--coordinator",
+        default=os.environ.get(parallel.ENV_COORDINATOR),
+        help="HOST:PORT of process 0 when the processes run on several hosts",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds the local processes may take")
     parser.add_argument("--checkpoint-dir", help="save the train state here after every epoch")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
@@ -65,8 +72,9 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if args.process_id is not None and not 0 <= args.process_id < args.processes:
-        parser.error(f"--process-id must be in [0, {args.processes}) for --processes {args.processes}, "
-                     f"got {args.process_id}")
+        parser.error(
+            f"--process-id must be in [0, {args.processes}) for --processes {args.processes}, got {args.process_id}"
+        )
     if not args.timeout > 0:
         parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if args.resume and not args.checkpoint_dir:
@@ -75,8 +83,12 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> dict:
     """Start every process of the run on this machine (127.0.0.1) and return what process 0 wrote."""
-    outputs = parallel.launch_local([str(Path(__file__).resolve()), *argv], args.processes,
-                                    devices_per_process=args.cpu_devices or 1, timeout=args.timeout)
+    outputs = parallel.launch_local(
+        [str(Path(__file__).resolve()), *argv],
+        args.processes,
+        devices_per_process=args.cpu_devices or 1,
+        timeout=args.timeout,
+    )
     print(outputs[0], end="", flush=True)
     return json.loads((Path(args.out) / "metrics.json").read_text())
 
@@ -97,19 +109,31 @@ def train(args: argparse.Namespace) -> dict:
     state = training.create_train_state(model, x[:1], seed=args.seed)
     strategy = parallel.get_strategy(args.strategy)
     lead = jax.process_index() == 0
-    state, initial_epoch, callbacks = checkpoint.resume_or_start(args.checkpoint_dir, state, resume=args.resume,
-                                                                 strategy=strategy)
+    state, initial_epoch, callbacks = checkpoint.resume_or_start(
+        args.checkpoint_dir, state, resume=args.resume, strategy=strategy
+    )
     same = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed}
-    state, history = training.fit(state, x, y, initial_epoch=initial_epoch, strategy=strategy, callbacks=callbacks,
-                                  verbose=2 if lead else 0, **same)
+    state, history = training.fit(
+        state,
+        x,
+        y,
+        initial_epoch=initial_epoch,
+        strategy=strategy,
+        callbacks=callbacks,
+        verbose=2 if lead else 0,
+        **same,
+    )
     params = jax.device_get(state.params)
     if not lead:
         return {}
 
-    reference, single = training.fit(training.create_train_state(model, x[:1], seed=args.seed), x, y,
-                                     strategy="single", verbose=0, **same)
-    diff = max(float(np.max(np.abs(a - b))) for a, b in
-               zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(reference.params)), strict=True))
+    reference, single = training.fit(
+        training.create_train_state(model, x[:1], seed=args.seed), x, y, strategy="single", verbose=0, **same
+    )
+    diff = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(reference.params)), strict=True)
+    )
     metrics = {
         "strategy": args.strategy,
         "num_devices": strategy.num_replicas,
@@ -124,13 +148,21 @@ def train(args: argparse.Namespace) -> dict:
     }
     results.write_metrics(args.out, metrics)
     if history.epoch:
-        plots.history_curves(history, f"{args.out}/curves.png",
-                             title=f"Dense net, {args.strategy} over {strategy.num_replicas} device(s)")
-    timing = (f"step {metrics['step_seconds'] * 1e3:.2f} ms (one device "
-              f"{metrics['single_device_step_seconds'] * 1e3:.2f} ms)" if history.epoch
-              else f"nothing left to train after epoch {initial_epoch}")
-    print(f"{args.strategy}: {metrics['num_devices']} device(s) in {metrics['num_processes']} process(es), {timing}, "
-          f"max |params - one-device params| = {diff:.2e} -> {args.out}/metrics.json", flush=True)
+        plots.history_curves(
+            history,
+            f"{args.out}/curves.png",
+            title=f"Dense net, {args.strategy} over {strategy.num_replicas} device(s)",
+        )
+    timing = (
+        f"step {metrics['step_seconds'] * 1e3:.2f} ms (one device {metrics['single_device_step_seconds'] * 1e3:.2f} ms)"
+        if history.epoch
+        else f"nothing left to train after epoch {initial_epoch}"
+    )
+    print(
+        f"{args.strategy}: {metrics['num_devices']} device(s) in {metrics['num_processes']} process(es), {timing}, "
+        f"max |params - one-device params| = {diff:.2e} -> {args.out}/metrics.json",
+        flush=True,
+    )
     return metrics
 
 
@@ -147,8 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
             jax.config.update("jax_num_cpu_devices", args.cpu_devices)
         except RuntimeError:
             if jax.local_device_count() != args.cpu_devices:
-                parser.error(f"--cpu-devices {args.cpu_devices}: JAX already runs in this process with "
-                             f"{jax.local_device_count()} devices; pass it to a fresh process")
+                parser.error(
+                    f"--cpu-devices {args.cpu_devices}: JAX already runs in this process with "
+                    f"{jax.local_device_count()} devices; pass it to a fresh process"
+                )
     parallel.initialize(args.coordinator, args.processes, args.process_id)
     try:
         return train(args)

@@ -24,11 +24,17 @@ class KerasRun:
         return dict(re.findall(r"(\w+)=(\S+)", self.lines[example]))
 
 
-def run(python: str, *, cnn_epochs: int, seeds: int,
-        examples: Sequence[str] = ("mlp", "rnn", "aug", "dist")) -> KerasRun:
+def run(
+    python: str, *, cnn_epochs: int, seeds: int, examples: Sequence[str] = ("mlp", "rnn", "aug", "dist")
+) -> KerasRun:
     """keras_rest.py on `examples`, then keras_cnn.py for `cnn_epochs` epochs, in `python`; echoes the RESULT lines."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "EPOCHS": str(cnn_epochs), "SEEDS": str(seeds),
-           "IDX_DIR": os.environ.get("IDX_DIR", FASHION_MNIST)}
+    env = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "EPOCHS": str(cnn_epochs),
+        "SEEDS": str(seeds),
+        "IDX_DIR": os.environ.get("IDX_DIR", FASHION_MNIST),
+    }
     lines, ms_per_step, errors = {}, None, ""
     for argv in ([python, str(REFERENCE / "keras_rest.py"), *examples], [python, str(REFERENCE / "keras_cnn.py")]):
         print(f"\n=== Keras reference\n$ {' '.join(argv)}", flush=True)

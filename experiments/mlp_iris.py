@@ -1,6 +1,6 @@
 """Lesson section 1.1: the dense net on Iris, as Keras's recipe (30 epochs, batch 10, validation_split 0.2).
 
-    python experiments/mlp_iris.py --seeds 5 --out runs/mlp_iris
+python experiments/mlp_iris.py --seeds 5 --out runs/mlp_iris
 """
 
 import argparse
@@ -27,8 +27,16 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in range(args.seeds):
         state = training.create_train_state(models.MLP(num_classes=3), x_train[:1], seed=seed)
         start = time.perf_counter()
-        state, history = training.fit(state, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
-                                      validation_split=args.validation_split, seed=seed, verbose=2 if seed == 0 else 0)
+        state, history = training.fit(
+            state,
+            x_train,
+            y_train,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            validation_split=args.validation_split,
+            seed=seed,
+            verbose=2 if seed == 0 else 0,
+        )
         fit_seconds.append(time.perf_counter() - start)
         y_pred = training.predict(state, x_test).argmax(axis=1)
         accuracies.append(float(np.mean(y_pred == y_test)))
@@ -47,8 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     results.write_metrics(args.out, metrics)
     plots.history_curves(first, f"{args.out}/curves.png", title="MLP on Iris (seed 0)")
-    print(f"Accuracy: mean {metrics['test_accuracy']:.4f} (min {min(accuracies):.4f}, max {max(accuracies):.4f}) "
-          f"over {args.seeds} seed(s); median fit {metrics['fit_seconds_median']:.2f}s -> {args.out}/metrics.json")
+    print(
+        f"Accuracy: mean {metrics['test_accuracy']:.4f} (min {min(accuracies):.4f}, max {max(accuracies):.4f}) "
+        f"over {args.seeds} seed(s); median fit {metrics['fit_seconds_median']:.2f}s -> {args.out}/metrics.json"
+    )
     return metrics
 
 

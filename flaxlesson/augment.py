@@ -52,8 +52,9 @@ def _keras_matrix(theta, tx, ty, shear, zx, zy, rows: int, cols: int) -> jax.Arr
     """
     theta, shear = jnp.deg2rad(theta), jnp.deg2rad(shear)
     zero, one = jnp.zeros_like(theta), jnp.ones_like(theta)
-    rotation = jnp.array([[jnp.cos(theta), -jnp.sin(theta), zero], [jnp.sin(theta), jnp.cos(theta), zero],
-                          [zero, zero, one]])
+    rotation = jnp.array(
+        [[jnp.cos(theta), -jnp.sin(theta), zero], [jnp.sin(theta), jnp.cos(theta), zero], [zero, zero, one]]
+    )
     shift = jnp.array([[one, zero, tx], [zero, one, ty], [zero, zero, one]])
     shear_ = jnp.array([[one, -jnp.sin(shear), zero], [zero, jnp.cos(shear), zero], [zero, zero, one]])
     zoom = jnp.array([[zx, zero, zero], [zero, zy, zero], [zero, zero, one]])
@@ -61,8 +62,7 @@ def _keras_matrix(theta, tx, ty, shear, zx, zy, rows: int, cols: int) -> jax.Arr
     offset = jnp.array([[1.0, 0.0, ox], [0.0, 1.0, oy], [0.0, 0.0, 1.0]])
     reset = jnp.array([[1.0, 0.0, -ox], [0.0, 1.0, -oy], [0.0, 0.0, 1.0]])
     # HIGHEST: accelerators would otherwise multiply float32 matrices in bfloat16, moving samples by pixels.
-    matrix = jnp.linalg.multi_dot([offset, rotation, shift, shear_, zoom, reset],
-                                  precision=jax.lax.Precision.HIGHEST)
+    matrix = jnp.linalg.multi_dot([offset, rotation, shift, shear_, zoom, reset], precision=jax.lax.Precision.HIGHEST)
     swap = jnp.array([1, 0, 2])
     return matrix[swap][:, swap]
 
@@ -90,9 +90,13 @@ def _fold(coord: jax.Array, size: int, fill_mode: str) -> jax.Array:
 def _flip_matrix(flip_horizontal: jax.Array, flip_vertical: jax.Array, rows: int, cols: int) -> jax.Array:
     """Reads the output grid mirrored: flipping after the transform is the same as this map applied first."""
     zero, one = jnp.zeros(()), jnp.ones(())
-    return jnp.array([[jnp.where(flip_vertical, -one, one), zero, jnp.where(flip_vertical, rows - one, zero)],
-                      [zero, jnp.where(flip_horizontal, -one, one), jnp.where(flip_horizontal, cols - one, zero)],
-                      [zero, zero, one]])
+    return jnp.array(
+        [
+            [jnp.where(flip_vertical, -one, one), zero, jnp.where(flip_vertical, rows - one, zero)],
+            [zero, jnp.where(flip_horizontal, -one, one), jnp.where(flip_horizontal, cols - one, zero)],
+            [zero, zero, one],
+        ]
+    )
 
 
 def _sample(images: jax.Array, matrices: jax.Array, fill_mode: str, cval: Scalar, order: int) -> jax.Array:
@@ -152,9 +156,18 @@ def _sample(images: jax.Array, matrices: jax.Array, fill_mode: str, cval: Scalar
 
 
 @functools.partial(jax.jit, static_argnames=("fill_mode", "order"))
-def apply_affine_transform(x: jax.Array, theta: Scalar = 0.0, tx: Scalar = 0.0, ty: Scalar = 0.0,
-                           shear: Scalar = 0.0, zx: Scalar = 1.0, zy: Scalar = 1.0, fill_mode: str = "nearest",
-                           cval: Scalar = 0.0, order: int = 1) -> jax.Array:
+def apply_affine_transform(
+    x: jax.Array,
+    theta: Scalar = 0.0,
+    tx: Scalar = 0.0,
+    ty: Scalar = 0.0,
+    shear: Scalar = 0.0,
+    zx: Scalar = 1.0,
+    zy: Scalar = 1.0,
+    fill_mode: str = "nearest",
+    cval: Scalar = 0.0,
+    order: int = 1,
+) -> jax.Array:
     """Keras's `apply_affine_transform` (channels last) for one (height, width, channels) image.
 
     Same arguments, units and result as Keras, which applies `scipy.ndimage.affine_transform` channel by channel.
@@ -167,7 +180,8 @@ def apply_affine_transform(x: jax.Array, theta: Scalar = 0.0, tx: Scalar = 0.0, 
       tx: shift in pixels along columns (Keras's x; see the module docstring).
       ty: shift in pixels along rows.
       shear: shear angle in degrees.
-      zx, zy: zoom factors; above 1 the content shrinks.
+      zx: zoom factor along columns; above 1 the content shrinks.
+      zy: zoom factor along rows.
       fill_mode: how points outside the image are filled, with scipy.ndimage's meanings: 'nearest',
         'constant' (cval), 'reflect' or 'wrap'.
       cval: the value outside the image for 'constant'.
@@ -248,8 +262,7 @@ class ImageDataGenerator:
         if _is_real(zoom):
             zoom = _nonnegative("zoom_range", zoom)
             put("zoom_range", (1 - zoom, 1 + zoom))
-        elif isinstance(zoom, (tuple, list)) and len(zoom) == 2 and all(
-                _is_real(z) and math.isfinite(z) for z in zoom):
+        elif isinstance(zoom, (tuple, list)) and len(zoom) == 2 and all(_is_real(z) and math.isfinite(z) for z in zoom):
             put("zoom_range", (float(zoom[0]), float(zoom[1])))
         else:
             raise ValueError(f"zoom_range must be a number >= 0 or a pair of numbers, got {zoom!r}.")
@@ -269,10 +282,17 @@ class ImageDataGenerator:
         return augment(key, images, self)
 
 
-
 # The lesson's generator (section 3.1), option for option.
-LESSON_GENERATOR = ImageDataGenerator(rotation_range=20, width_shift_range=0.2, height_shift_range=0.2,
-                                      shear_range=0.2, zoom_range=0.2, horizontal_flip=True, fill_mode="nearest")
+LESSON_GENERATOR = ImageDataGenerator(
+    rotation_range=20,
+    width_shift_range=0.2,
+    height_shift_range=0.2,
+    shear_range=0.2,
+    zoom_range=0.2,
+    horizontal_flip=True,
+    fill_mode="nearest",
+)
+
 
 def _shift(u_value: jax.Array, u_sign: jax.Array, shift_range: float | tuple[float, ...], size: int) -> jax.Array:
     """A shift in pixels along an axis of `size` pixels, from two U[0, 1) numbers and a normalised range."""
@@ -285,8 +305,9 @@ def _shift(u_value: jax.Array, u_sign: jax.Array, shift_range: float | tuple[flo
 
 
 @functools.partial(jax.jit, static_argnames=("config", "image_shape"))
-def random_transform_params(key: jax.Array, config: ImageDataGenerator,
-                            image_shape: tuple[int, int, int]) -> dict[str, jax.Array]:
+def random_transform_params(
+    key: jax.Array, config: ImageDataGenerator, image_shape: tuple[int, int, int]
+) -> dict[str, jax.Array]:
     """Draws one image's transform with the distributions of Keras's `get_random_transform`.
 
     All of it comes from one draw of ten U[0, 1) numbers: one threefry call per image, vmapped or not, rather
@@ -321,8 +342,11 @@ def random_transform_params(key: jax.Array, config: ImageDataGenerator,
 def _matrix(params: dict[str, jax.Array], rows: int, cols: int) -> jax.Array:
     """Keras's `apply_transform` as one map: the affine transform, then the flips."""
     flips = _flip_matrix(params["flip_horizontal"], params["flip_vertical"], rows, cols)
-    return jnp.matmul(_keras_matrix(*(params[name] for name in _AFFINE_PARAMS), rows, cols), flips,
-                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.matmul(
+        _keras_matrix(*(params[name] for name in _AFFINE_PARAMS), rows, cols),
+        flips,
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 @functools.partial(jax.jit, static_argnames="config")

@@ -24,15 +24,17 @@ class CheckpointError(ValueError):
 
 def _payload(state: Any) -> dict[str, Any]:
     """What is saved of a TrainState: everything that changes during training, as host arrays."""
-    return jax.tree.map(np.asarray, jax.device_get({"step": state.step, "params": state.params,
-                                                    "opt_state": state.opt_state}))
+    return jax.tree.map(
+        np.asarray, jax.device_get({"step": state.step, "params": state.params, "opt_state": state.opt_state})
+    )
 
 
 def _manager(directory: str | os.PathLike, *, create: bool, max_to_keep: int | None = None) -> ocp.CheckpointManager:
     """A synchronous orbax manager of one standard pytree item; `create=False` for reading an existing directory."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create, enable_async_checkpointing=False)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options,
-                                 item_handlers=ocp.StandardCheckpointHandler())
+    return ocp.CheckpointManager(
+        Path(directory).absolute(), options=options, item_handlers=ocp.StandardCheckpointHandler()
+    )
 
 
 def all_epochs(directory: str | os.PathLike) -> list[int]:
@@ -65,15 +67,19 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
 def _differences(saved: dict, wanted: dict, limit: int = 6) -> list[str]:
     lines = [f"{name}: missing from the checkpoint" for name in sorted(wanted.keys() - saved.keys())]
     lines += [f"{name}: in the checkpoint, not in the model" for name in sorted(saved.keys() - wanted.keys())]
-    lines += [f"{name}: checkpoint shape {saved[name]}, model shape {wanted[name]}"
-              for name in sorted(saved.keys() & wanted.keys()) if saved[name] != wanted[name]]
+    lines += [
+        f"{name}: checkpoint shape {saved[name]}, model shape {wanted[name]}"
+        for name in sorted(saved.keys() & wanted.keys())
+        if saved[name] != wanted[name]
+    ]
     return lines[:limit] + ([f"... and {len(lines) - limit} more"] if len(lines) > limit else [])
 
 
 def check_compatible(directory: str | os.PathLike, state: Any, epoch: int | None = None) -> int:
-    """Raise CheckpointError (a ValueError) unless the checkpoint of `epoch` (the newest by default) fits `state`'s model and optimiser.
+    """Raise CheckpointError unless the checkpoint of `epoch` (the newest by default) fits `state`'s model.
 
-    Compares every leaf's name and shape, params first; returns the epoch checked. Reads only.
+    CheckpointError is a ValueError. Compares every leaf's name and shape, params first; returns the epoch
+    checked. Reads only.
     """
     epochs = all_epochs(directory)
     if not epochs:
@@ -89,12 +95,16 @@ def check_compatible(directory: str | os.PathLike, state: Any, epoch: int | None
     wanted = _shapes(_payload(state))
     params = _differences(*({k: v for k, v in shapes.items() if k.startswith("params/")} for shapes in (saved, wanted)))
     if params:
-        raise CheckpointError(f"directory {str(directory)!r} holds another model's state (epoch {epoch}); its params "
-                         f"differ from this model's:\n  " + "\n  ".join(params))
+        raise CheckpointError(
+            f"directory {str(directory)!r} holds another model's state (epoch {epoch}); its params "
+            f"differ from this model's:\n  " + "\n  ".join(params)
+        )
     rest = _differences(saved, wanted)
     if rest:
-        raise CheckpointError(f"directory {str(directory)!r} holds this model's params but other optimiser state "
-                         f"(epoch {epoch}):\n  " + "\n  ".join(rest))
+        raise CheckpointError(
+            f"directory {str(directory)!r} holds this model's params but other optimiser state "
+            f"(epoch {epoch}):\n  " + "\n  ".join(rest)
+        )
     return epoch
 
 
@@ -114,8 +124,9 @@ def save(directory: str | os.PathLike, state: Any, epoch: int, *, max_to_keep: i
     return Path(directory).absolute() / str(epoch)
 
 
-def restore(directory: str | os.PathLike, state: Any, *, epoch: int | None = None,
-            strategy: Any = None) -> tuple[Any, int]:
+def restore(
+    directory: str | os.PathLike, state: Any, *, epoch: int | None = None, strategy: Any = None
+) -> tuple[Any, int]:
     """`state` with the step, params and optimiser state of a checkpoint, and the epochs that checkpoint trained.
 
     `state` is the freshly created state of the same model (it gives the tree and checks the checkpoint against
@@ -154,17 +165,19 @@ class ModelCheckpoint:
             check_compatible(directory, state)
         later = [e for e in epochs if e > initial_epoch]
         if later:
-            raise CheckpointError(f"directory {str(directory)!r} already holds checkpoints of epochs {later}, past "
-                             f"initial_epoch={initial_epoch}; resume from the newest or use another directory")
+            raise CheckpointError(
+                f"directory {str(directory)!r} already holds checkpoints of epochs {later}, past "
+                f"initial_epoch={initial_epoch}; resume from the newest or use another directory"
+            )
 
     def __call__(self, epoch: int, logs: dict[str, float], state: Any) -> None:
         """Save the state after `epoch` (0-based), as the checkpoint of `epoch + 1` trained epochs."""
         save(self.directory, state, epoch + 1, max_to_keep=self.max_to_keep)
 
 
-
-def resume_or_start(directory: str | os.PathLike | None, state: Any, *, resume: bool = False,
-                    strategy: Any = None) -> tuple[Any, int, list[ModelCheckpoint]]:
+def resume_or_start(
+    directory: str | os.PathLike | None, state: Any, *, resume: bool = False, strategy: Any = None
+) -> tuple[Any, int, list[ModelCheckpoint]]:
     """A script's `--checkpoint-dir`/`--resume`: the state to train from, its `initial_epoch`, and fit's callbacks.
 
     With `resume`, the newest checkpoint in `directory` (if any) replaces `state`; with a directory, every epoch

@@ -46,7 +46,9 @@ def train_validation_split(x: Any, y: np.ndarray, validation_split: float) -> tu
     n = num_examples(x)
     split_at = int(math.floor(n * (1.0 - validation_split)))
     if validation_split and split_at in (0, n):
-        raise ValueError(f"validation_split={validation_split} leaves no training or no validation data from {n} samples")
+        raise ValueError(
+            f"validation_split={validation_split} leaves no training or no validation data from {n} samples"
+        )
     first, rest = np.arange(split_at), np.arange(split_at, n)
     return (take(x, first), y[first]), (take(x, rest), y[rest])
 
@@ -77,17 +79,18 @@ def iterate_batches(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     size = padded_size(batch_size, pad_multiple)
     if process_count < 1 or size % process_count:
-        raise ValueError(f"process_count must be a positive divisor of the padded batch size {size}, "
-                         f"got {process_count}")
+        raise ValueError(
+            f"process_count must be a positive divisor of the padded batch size {size}, got {process_count}"
+        )
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
     n = num_examples(x)
     order = rng.permutation(n) if rng is not None else np.arange(n)
     share = slice(process_index * size // process_count, (process_index + 1) * size // process_count)
     for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         mask = np.zeros(size, np.float32)
-        mask[:len(idx)] = 1.0
+        mask[: len(idx)] = 1.0
         idx = np.concatenate([idx, np.full(size - len(idx), idx[0])])[share]
         mask = mask[share]
         batch = {"x": take(x, idx), "mask": mask}
@@ -100,7 +103,8 @@ def load_iris(test_size: float = 0.3, random_state: int = 42) -> tuple[tuple, tu
     """The lesson's Iris split, standardised on the training part: ((x_train, y_train), (x_test, y_test))."""
     iris = sklearn.datasets.load_iris()
     x_train, x_test, y_train, y_test = sklearn.model_selection.train_test_split(
-        iris.data, iris.target, test_size=test_size, random_state=random_state)
+        iris.data, iris.target, test_size=test_size, random_state=random_state
+    )
     scaler = sklearn.preprocessing.StandardScaler()
     x_train = scaler.fit_transform(x_train).astype(np.float32)
     x_test = scaler.transform(x_test).astype(np.float32)
@@ -116,8 +120,18 @@ IDX_FILES = {
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 # SHA-256 of the decoded payload of a known train-labels IDX file: names the dataset whatever its folder or gzip.
 KNOWN_IDX_LABELS = {
     "657fbd221bfc9f4198cc14b5619cc33ec57c58dd0e47af4d99d6650759e869a7": ("fashion_mnist", FASHION_MNIST_CLASSES),
@@ -152,11 +166,14 @@ class ImageData:
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if x.ndim != 4 or x.dtype != np.float32 or y.ndim != 1 or y.dtype != np.int32 or len(x) != len(y):
-                raise ValueError(f"{split}: expected NHWC float32 images and as many int32 labels, got "
-                                 f"{x.dtype}{x.shape} and {y.dtype}{y.shape}")
+                raise ValueError(
+                    f"{split}: expected NHWC float32 images and as many int32 labels, got "
+                    f"{x.dtype}{x.shape} and {y.dtype}{y.shape}"
+                )
             if y.size and not 0 <= y.min() <= y.max() < len(self.class_names):
-                raise ValueError(f"y_{split}: labels must lie in [0, {len(self.class_names)}), "
-                                 f"got {y.min()} to {y.max()}")
+                raise ValueError(
+                    f"y_{split}: labels must lie in [0, {len(self.class_names)}), got {y.min()} to {y.max()}"
+                )
 
     @property
     def num_classes(self) -> int:
@@ -169,8 +186,13 @@ class ImageData:
             return self
         if limit < 1:
             raise ValueError(f"limit must be a positive number of images, got {limit}")
-        return dataclasses.replace(self, x_train=self.x_train[:limit], y_train=self.y_train[:limit],
-                                   x_test=self.x_test[:limit], y_test=self.y_test[:limit])
+        return dataclasses.replace(
+            self,
+            x_train=self.x_train[:limit],
+            y_train=self.y_train[:limit],
+            x_test=self.x_test[:limit],
+            y_test=self.y_test[:limit],
+        )
 
 
 def _unit_nhwc(images: np.ndarray, max_value: float) -> np.ndarray:
@@ -191,17 +213,21 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as e:
         raise ValueError(f"path: {path} is not a readable gzip file ({e})") from e
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        raise ValueError(f"path: {path} is not an IDX file: magic number 0x{raw[:4].hex()}, expected 0x0000 then "
-                         f"a type code in {[hex(c) for c in _IDX_DTYPES]} and a dimension count >= 1")
+        raise ValueError(
+            f"path: {path} is not an IDX file: magic number 0x{raw[:4].hex()}, expected 0x0000 then "
+            f"a type code in {[hex(c) for c in _IDX_DTYPES]} and a dimension count >= 1"
+        )
     ndim, dtype = raw[3], np.dtype(_IDX_DTYPES[raw[2]])
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise ValueError(f"path: {path} is truncated inside its header ({len(raw)} of {header} bytes)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = math.prod(shape) * dtype.itemsize
     if len(raw) - header != expected:
-        raise ValueError(f"path: {path} holds {len(raw) - header} bytes of data, but its header's shape {shape} "
-                         f"of {dtype.name} needs {expected} (a truncated or corrupt file)")
+        raise ValueError(
+            f"path: {path} holds {len(raw) - header} bytes of data, but its header's shape {shape} "
+            f"of {dtype.name} needs {expected} (a truncated or corrupt file)"
+        )
     return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -228,21 +254,32 @@ def load_idx(data_dir: str | os.PathLike) -> ImageData:
     arrays = {key: read_idx(path) for key, path in paths.items()}
     for key, ndim in (("x_train", 3), ("y_train", 1), ("x_test", 3), ("y_test", 1)):
         if arrays[key].ndim != ndim or arrays[key].dtype != np.uint8:
-            raise ValueError(f"data_dir: {paths[key]} holds {arrays[key].dtype} of shape {arrays[key].shape}, "
-                             f"expected uint8 {'images (N, H, W)' if ndim == 3 else 'labels (N,)'}")
+            raise ValueError(
+                f"data_dir: {paths[key]} holds {arrays[key].dtype} of shape {arrays[key].shape}, "
+                f"expected uint8 {'images (N, H, W)' if ndim == 3 else 'labels (N,)'}"
+            )
     for split in ("train", "test"):
         if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
-            raise ValueError(f"data_dir: {paths[f'x_{split}']} holds {len(arrays[f'x_{split}'])} images but "
-                             f"{paths[f'y_{split}']} {len(arrays[f'y_{split}'])} labels")
+            raise ValueError(
+                f"data_dir: {paths[f'x_{split}']} holds {len(arrays[f'x_{split}'])} images but "
+                f"{paths[f'y_{split}']} {len(arrays[f'y_{split}'])} labels"
+            )
     if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
-        raise ValueError(f"data_dir: train images are {arrays['x_train'].shape[1:]} but test images "
-                         f"{arrays['x_test'].shape[1:]}")
+        raise ValueError(
+            f"data_dir: train images are {arrays['x_train'].shape[1:]} but test images {arrays['x_test'].shape[1:]}"
+        )
     digest = hashlib.sha256(arrays["y_train"].tobytes()).hexdigest()
     num_classes = int(max(arrays["y_train"].max(initial=0), arrays["y_test"].max(initial=0))) + 1
     name, class_names = KNOWN_IDX_LABELS.get(digest, ("idx", tuple(str(c) for c in range(num_classes))))
-    return ImageData(_unit_nhwc(arrays["x_train"], 255), arrays["y_train"].astype(np.int32),
-                     _unit_nhwc(arrays["x_test"], 255), arrays["y_test"].astype(np.int32),
-                     name=name, source=f"idx files in {data_dir}", class_names=class_names)
+    return ImageData(
+        _unit_nhwc(arrays["x_train"], 255),
+        arrays["y_train"].astype(np.int32),
+        _unit_nhwc(arrays["x_test"], 255),
+        arrays["y_test"].astype(np.int32),
+        name=name,
+        source=f"idx files in {data_dir}",
+        class_names=class_names,
+    )
 
 
 def load_digits(size: int = 28, test_size: float = 0.2, random_state: int = 0) -> ImageData:
@@ -253,11 +290,17 @@ def load_digits(size: int = 28, test_size: float = 0.2, random_state: int = 0) -
     resize = _linear_resize_matrix(8, size)
     images = np.einsum("oh,nhw,pw->nop", resize, digits.images / 16.0, resize)
     x_train, x_test, y_train, y_test = sklearn.model_selection.train_test_split(
-        images, digits.target, test_size=test_size, random_state=random_state, stratify=digits.target)
-    return ImageData(_unit_nhwc(x_train, 1.0), y_train.astype(np.int32), _unit_nhwc(x_test, 1.0),
-                     y_test.astype(np.int32), name="digits",
-                     source=f"scikit-learn's bundled load_digits, 8x8 resized to {size}x{size}",
-                     class_names=tuple(str(c) for c in range(10)))
+        images, digits.target, test_size=test_size, random_state=random_state, stratify=digits.target
+    )
+    return ImageData(
+        _unit_nhwc(x_train, 1.0),
+        y_train.astype(np.int32),
+        _unit_nhwc(x_test, 1.0),
+        y_test.astype(np.int32),
+        name="digits",
+        source=f"scikit-learn's bundled load_digits, 8x8 resized to {size}x{size}",
+        class_names=tuple(str(c) for c in range(10)),
+    )
 
 
 def _linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -303,13 +346,15 @@ def _prepare_tfds(name: str, data_dir: str | os.PathLike | None, where: str) -> 
     if not _tensorflow_importable():
         raise DatasetUnavailableError(
             f"TFDS dataset {name!r} is not prepared in {where}, and preparing it needs TensorFlow (not installed "
-            f"here) and network access; reading a prepared one needs neither. {OFFLINE_OPTIONS}")
+            f"here) and network access; reading a prepared one needs neither. {OFFLINE_OPTIONS}"
+        )
     try:
         _tfds().data_source(name, data_dir=data_dir, download=True, builder_kwargs={"file_format": "array_record"})
     except Exception as e:  # any failure to fetch or build: say what preparing needs and what works offline
         raise DatasetUnavailableError(
             f"TFDS dataset {name!r} is not prepared in {where}, and preparing it failed "
-            f"({type(e).__name__}: {e}); preparing needs network access and TensorFlow. {OFFLINE_OPTIONS}") from e
+            f"({type(e).__name__}: {e}); preparing needs network access and TensorFlow. {OFFLINE_OPTIONS}"
+        ) from e
 
 
 def load_tfds(name: str, data_dir: str | os.PathLike | None = None) -> ImageData:
@@ -322,19 +367,31 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None) -> ImageData
         raise DatasetUnavailableError(
             f"TFDS dataset {name!r} in {where} is prepared as {builder.info.file_format.value}, which "
             f"tfds.data_source cannot read; prepare it as array_record (tfds.data_source({name!r}) does). "
-            f"{OFFLINE_OPTIONS}")
+            f"{OFFLINE_OPTIONS}"
+        )
     if not builder.is_prepared():
         _prepare_tfds(name, data_dir, where)
         builder = _tfds().builder(name, data_dir=data_dir)
-    sources = _tfds().data_source(name, split=["train", "test"], data_dir=data_dir, download=False,
-                               builder_kwargs={"file_format": builder.info.file_format.value})
+    sources = _tfds().data_source(
+        name,
+        split=["train", "test"],
+        data_dir=data_dir,
+        download=False,
+        builder_kwargs={"file_format": builder.info.file_format.value},
+    )
     arrays = []
     for source in sources:
         examples = [source[i] for i in range(len(source))]
-        arrays += [_unit_nhwc(np.stack([np.asarray(ex["image"]) for ex in examples]), 255),
-                   np.array([ex["label"] for ex in examples], np.int32)]
-    return ImageData(*arrays, name=name, source=f"TFDS {name} {builder.info.version} in {where}",
-                     class_names=tuple(builder.info.features["label"].names))
+        arrays += [
+            _unit_nhwc(np.stack([np.asarray(ex["image"]) for ex in examples]), 255),
+            np.array([ex["label"] for ex in examples], np.int32),
+        ]
+    return ImageData(
+        *arrays,
+        name=name,
+        source=f"TFDS {name} {builder.info.version} in {where}",
+        class_names=tuple(builder.info.features["label"].names),
+    )
 
 
 def _choose_auto(data_dir: str | os.PathLike | None) -> tuple[str, str | os.PathLike | None, str]:
@@ -356,8 +413,11 @@ def _choose_auto(data_dir: str | os.PathLike | None) -> tuple[str, str | os.Path
 
 
 def load_images(dataset: str = "auto", data_dir: str | os.PathLike | None = None) -> ImageData:
-    """Images by source name, one interface for all: 'mnist' or 'fashion_mnist' (TFDS, in TFDS's `data_dir`),
-    'idx' (IDX files in `data_dir`), 'digits' (bundled), or 'auto' (prints and records what it chose and why)."""
+    """Images by source name, one interface for all.
+
+    'mnist' or 'fashion_mnist' (TFDS, in TFDS's `data_dir`), 'idx' (IDX files in `data_dir`), 'digits'
+    (bundled), or 'auto' (prints and records what it chose and why).
+    """
     if dataset not in IMAGE_DATASETS:
         raise ValueError(f"dataset must be one of {list(IMAGE_DATASETS)}, got {dataset!r}")
     if dataset == "auto":
@@ -372,7 +432,9 @@ def load_images(dataset: str = "auto", data_dir: str | os.PathLike | None = None
             raise ValueError(f"data_dir: dataset='idx' needs the folder of IDX files. {OFFLINE_OPTIONS}")
         return load_idx(data_dir)
     if data_dir is not None:
-        raise ValueError(f"data_dir: dataset='digits' is bundled with scikit-learn and takes no data_dir, got {data_dir}")
+        raise ValueError(
+            f"data_dir: dataset='digits' is bundled with scikit-learn and takes no data_dir, got {data_dir}"
+        )
     return load_digits()
 
 
@@ -387,9 +449,11 @@ def _check_fits_integer(name: str, values: Any, dtype: np.dtype) -> None:
     if values.dtype.kind not in "biuf" or values.size == 0:
         return
     if values.dtype.kind == "f" and not np.all(np.isfinite(values) & (values == np.round(values))):
-        raise ValueError(f"{name}: dtype {dtype} needs whole numbers, got non-integer values such as "
-                         f"{values[~(np.isfinite(values) & (values == np.round(values)))].flat[0]!r}; "
-                         f"pass dtype='float32' to keep them")
+        raise ValueError(
+            f"{name}: dtype {dtype} needs whole numbers, got non-integer values such as "
+            f"{values[~(np.isfinite(values) & (values == np.round(values)))].flat[0]!r}; "
+            f"pass dtype='float32' to keep them"
+        )
     info = np.iinfo(dtype)
     if values.min() < info.min or values.max() > info.max:
         raise ValueError(f"{name}: values from {values.min()} to {values.max()} do not fit dtype {dtype}")
@@ -442,15 +506,17 @@ def pad_sequences(
         kept = min(length, maxlen)
         if kept == 0:
             continue
-        part = sequence[length - kept:] if truncating == "pre" else sequence[:kept]
+        part = sequence[length - kept :] if truncating == "pre" else sequence[:kept]
         if dtype.kind in "iu":
             _check_fits_integer(f"sequences[{i}]", part, dtype)
         part = np.asarray(part, dtype=dtype)
         if part.shape[1:] != sample_shape:
-            raise ValueError(f"sequences[{i}]: items of shape {part.shape[1:]}, expected {sample_shape} "
-                             f"as in the first non-empty sequence")
+            raise ValueError(
+                f"sequences[{i}]: items of shape {part.shape[1:]}, expected {sample_shape} "
+                f"as in the first non-empty sequence"
+            )
         if padding == "post":
             padded[i, :kept] = part
         else:
-            padded[i, maxlen - kept:] = part
+            padded[i, maxlen - kept :] = part
     return padded

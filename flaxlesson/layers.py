@@ -39,4 +39,3 @@ class ConvMaxPool(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,))
         y = ops.conv2d_max_pool(x, kernel, self.window) + bias
         return y if self.activation is None else self.activation(y)
-

@@ -26,8 +26,14 @@ def Dense(features: int, **kwargs) -> nn.Dense:
 
 def Conv(features: int, kernel_size: Sequence[int], **kwargs) -> nn.Conv:
     """Keras's `Conv2D`: a glorot_uniform kernel, a zero bias, and 'valid' padding (Flax's default is 'SAME')."""
-    return nn.Conv(features, tuple(kernel_size), padding="VALID", kernel_init=glorot_uniform,
-                   bias_init=nn.initializers.zeros, **kwargs)
+    return nn.Conv(
+        features,
+        tuple(kernel_size),
+        padding="VALID",
+        kernel_init=glorot_uniform,
+        bias_init=nn.initializers.zeros,
+        **kwargs,
+    )
 
 
 class MLP(nn.Module):
@@ -59,13 +65,17 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.ndim != 4:
-            raise ValueError(f"x: the CNN takes NHWC images (batch, height, width, channels), got shape {x.shape}"
-                             + ("; add a channel axis, e.g. x[..., None]" if x.ndim == 3 else ""))
+            raise ValueError(
+                f"x: the CNN takes NHWC images (batch, height, width, channels), got shape {x.shape}"
+                + ("; add a channel axis, e.g. x[..., None]" if x.ndim == 3 else "")
+            )
         image_shape = x.shape[1:]
         for i, features in enumerate(self.features):
             if min(x.shape[1:3]) < 4:
-                raise ValueError(f"x: images of shape {image_shape} (height, width, channels: NHWC) are too small "
-                                 f"for the CNN's {len(self.features)} conv 3x3 + pool 2x2 stages")
+                raise ValueError(
+                    f"x: images of shape {image_shape} (height, width, channels: NHWC) are too small "
+                    f"for the CNN's {len(self.features)} conv 3x3 + pool 2x2 stages"
+                )
             if self.fast:
                 x = layers.ConvMaxPool(features, (3, 3), name=f"Conv_{i}")(x)
             else:
@@ -89,8 +99,9 @@ def check_sequence_inputs(x: Any, seq_lengths: Any = None) -> None:
         try:
             x = np.asarray(x)
         except ValueError as error:
-            raise ValueError("x: ragged sequences (different lengths); pad them to one length with "
-                             "flaxlesson.data.pad_sequences") from error
+            raise ValueError(
+                "x: ragged sequences (different lengths); pad them to one length with flaxlesson.data.pad_sequences"
+            ) from error
     if not hasattr(x, "shape") or x.ndim not in (2, 3):
         raise ValueError(f"x: expected (batch, steps) or (batch, steps, features), got shape {np.shape(x)}")
     if not (jnp.issubdtype(x.dtype, jnp.integer) or jnp.issubdtype(x.dtype, jnp.floating)):
@@ -100,15 +111,18 @@ def check_sequence_inputs(x: Any, seq_lengths: Any = None) -> None:
     if not hasattr(seq_lengths, "shape"):
         seq_lengths = np.asarray(seq_lengths)
     if seq_lengths.shape != x.shape[:1]:
-        raise ValueError(f"seq_lengths: expected shape ({x.shape[0]},), one length per sequence, "
-                         f"got {seq_lengths.shape}")
+        raise ValueError(
+            f"seq_lengths: expected shape ({x.shape[0]},), one length per sequence, got {seq_lengths.shape}"
+        )
     if not jnp.issubdtype(seq_lengths.dtype, jnp.integer):
         raise ValueError(f"seq_lengths: expected integers, got dtype {seq_lengths.dtype}")
     if _concrete(seq_lengths) and seq_lengths.size:
         lengths = np.asarray(seq_lengths)
         if lengths.min() < 1 or lengths.max() > x.shape[1]:
-            raise ValueError(f"seq_lengths: each length must lie in [1, {x.shape[1]}] (the steps), "
-                             f"got values from {lengths.min()} to {lengths.max()}")
+            raise ValueError(
+                f"seq_lengths: each length must lie in [1, {x.shape[1]}] (the steps), "
+                f"got values from {lengths.min()} to {lengths.max()}"
+            )
 
 
 class SimpleRNNClassifier(nn.Module):
@@ -137,7 +151,12 @@ class SimpleRNNClassifier(nn.Module):
         x = jnp.asarray(x, jnp.float32)
         if x.ndim == 2:
             x = x[..., None]
-        cell = nn.SimpleCell(self.units, activation_fn=self.activation, kernel_init=glorot_uniform,
-                             recurrent_kernel_init=orthogonal, bias_init=nn.initializers.zeros)
+        cell = nn.SimpleCell(
+            self.units,
+            activation_fn=self.activation,
+            kernel_init=glorot_uniform,
+            recurrent_kernel_init=orthogonal,
+            bias_init=nn.initializers.zeros,
+        )
         last, _ = nn.RNN(cell, return_carry=True)(x, seq_lengths=seq_lengths)
         return Dense(self.num_classes)(last)

@@ -49,10 +49,9 @@ from __future__ import annotations
 
 from functools import partial
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 __all__ = ["max_pool", "conv2d", "conv2d_max_pool", "pooled_size"]
@@ -64,6 +63,7 @@ _DIRECT_MAX_CHANNELS = 4
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def _check_image(x, name="x"):
     if not hasattr(x, "ndim") or x.ndim != 4:
         raise ValueError(f"{name} must be a 4-D NHWC array, got shape {getattr(x, 'shape', None)}")
@@ -74,7 +74,9 @@ def _check_kernel(x, kernel):
         raise ValueError(f"kernel must be a 4-D HWIO array, got shape {getattr(kernel, 'shape', None)}")
     if kernel.shape[2] != x.shape[3]:
         raise ValueError(
-            f"kernel expects {kernel.shape[2]} input channels but x has {x.shape[3]} (x {x.shape}, kernel {kernel.shape})")
+            f"kernel expects {kernel.shape[2]} input channels but x has {x.shape[3]} "
+            f"(x {x.shape}, kernel {kernel.shape})"
+        )
     if kernel.shape[0] > x.shape[1] or kernel.shape[1] > x.shape[2]:
         raise ValueError(f"kernel {kernel.shape[:2]} is larger than the image {x.shape[1:3]}")
 
@@ -122,10 +124,11 @@ def _onehot_rows(idx, g, n):
 
 # ----------------------------------------------------------------------------- max_pool
 
+
 def _pool_windows(x, k):
     B, H, W, C = x.shape
     Hp, Wp = H // k, W // k
-    return jnp.stack([x[:, a:a + k * Hp:k, b:b + k * Wp:k] for a in range(k) for b in range(k)])
+    return jnp.stack([x[:, a : a + k * Hp : k, b : b + k * Wp : k] for a in range(k) for b in range(k)])
 
 
 def max_pool(x, window: int = 2):
@@ -170,9 +173,10 @@ _max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 # ----------------------------------------------------------------------------- conv2d (im2col)
 
+
 def _patches(x, kh, kw, Ho, Wo):
     """(B,H,W,C) -> (B,Ho,Wo,kh*kw*C), feature order (i, j, c) = HWIO's flattening."""
-    return jnp.concatenate([x[:, i:i + Ho, j:j + Wo, :] for i in range(kh) for j in range(kw)], axis=-1)
+    return jnp.concatenate([x[:, i : i + Ho, j : j + Wo, :] for i in range(kh) for j in range(kw)], axis=-1)
 
 
 def conv2d(x, kernel):
@@ -210,8 +214,11 @@ def _conv2d_bwd(res, g):
     dk = lax.dot_general(p, g, (((0, 1, 2), (0, 1, 2)), ((), ()))).reshape(kernel.shape)
     cols = lax.dot_general(g, kernel.reshape(kh * kw * C, F), (((3,), (1,)), ((), ())))
     cols = cols.reshape(B, Ho, Wo, kh, kw, C)
-    dx = sum(jnp.pad(cols[:, :, :, i, j, :], ((0, 0), (i, H - Ho - i), (j, W - Wo - j), (0, 0)))
-             for i in range(kh) for j in range(kw))
+    dx = sum(
+        jnp.pad(cols[:, :, :, i, j, :], ((0, 0), (i, H - Ho - i), (j, W - Wo - j), (0, 0)))
+        for i in range(kh)
+        for j in range(kw)
+    )
     return dx, dk
 
 
@@ -219,6 +226,7 @@ _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 # ----------------------------------------------------------------------------- conv2d_max_pool
+
 
 def conv2d_max_pool(x, kernel, window: int = 2):
     """``max_pool(conv2d(x, kernel), window)`` in one op (values and gradients the same).
@@ -234,8 +242,7 @@ def conv2d_max_pool(x, kernel, window: int = 2):
     _check_window(window)
     kh, kw, C, F = kernel.shape
     if (x.shape[1] - kh + 1) < window or (x.shape[2] - kw + 1) < window:
-        raise ValueError(
-            f"image {x.shape[1:3]} is too small for a {kh}x{kw} conv followed by a {window}x{window} pool")
+        raise ValueError(f"image {x.shape[1:3]} is too small for a {kh}x{kw} conv followed by a {window}x{window} pool")
     if (kh, kw) != (3, 3) or window != 2:
         return max_pool(conv2d(x, kernel), window)
     if C <= _DIRECT_MAX_CHANNELS:
@@ -245,9 +252,10 @@ def conv2d_max_pool(x, kernel, window: int = 2):
 
 # --- direct form (few input channels): 9-tap multiply-adds, fused by XLA with the pool ---------
 
+
 def _tap(x, i, ki, j, kj, Tp, Tq):
-    """x at rows 2p+i+ki, cols 2q+j+kj, p < Tp, q < Tq: (B,Tp,Tq,C)."""
-    return x[:, i + ki:i + ki + 2 * Tp - 1:2, j + kj:j + kj + 2 * Tq - 1:2, :]
+    """X at rows 2p+i+ki, cols 2q+j+kj, p < Tp, q < Tq: (B,Tp,Tq,C)."""
+    return x[:, i + ki : i + ki + 2 * Tp - 1 : 2, j + kj : j + kj + 2 * Tq - 1 : 2, :]
 
 
 def _direct_tiles(x, kernel, Tp, Tq):
@@ -261,10 +269,10 @@ def _direct_tiles(x, kernel, Tp, Tq):
                 for kj in range(3):
                     xs = _tap(x, i, ki, j, kj, Tp, Tq)
                     for c in range(C):
-                        term = xs[..., c:c + 1] * kernel[ki, kj, c]
+                        term = xs[..., c : c + 1] * kernel[ki, kj, c]
                         acc = term if acc is None else acc + term
             out.append(acc)
-    return jnp.stack(out)                                                   # (4,B,Tp,Tq,F)
+    return jnp.stack(out)  # (4,B,Tp,Tq,F)
 
 
 def _direct_patches_t(x, Tp, Tq):
@@ -274,8 +282,9 @@ def _direct_patches_t(x, Tp, Tq):
     for ki in range(3):
         for kj in range(3):
             for c in range(C):
-                rows.append(jnp.stack([_tap(x, i, ki, j, kj, Tp, Tq)[..., c]
-                                       for i in range(2) for j in range(2)]).reshape(-1))
+                rows.append(
+                    jnp.stack([_tap(x, i, ki, j, kj, Tp, Tq)[..., c] for i in range(2) for j in range(2)]).reshape(-1)
+                )
     return jnp.stack(rows)
 
 
@@ -294,7 +303,7 @@ def _conv_pool_direct_bwd(res, g):
     x, kernel, idx = res
     Tp, Tq = idx.shape[1], idx.shape[2]
     F = kernel.shape[3]
-    dy = _onehot_rows(idx, g, 4)                                            # (4,B,Tp,Tq,F)
+    dy = _onehot_rows(idx, g, 4)  # (4,B,Tp,Tq,F)
     dk = jnp.dot(_direct_patches_t(x, Tp, Tq), dy.reshape(-1, F)).reshape(kernel.shape)
     # Input gradient by autodiff of the direct form (XLA drops it when x is data, as in the CNN).
     dx = jax.vjp(lambda x_: _direct_tiles(x_, kernel, Tp, Tq), x)[1](dy)[0]
@@ -323,16 +332,18 @@ def _bt(d0, d1, d2, d3):
 def _input_transform(x, Tp, Tq):
     """(B,H,W,C) -> V (16, B*Tp*Tq, C)."""
     B, C = x.shape[0], x.shape[3]
-    r = jnp.stack(_bt(*[x[:, k:k + 2 * Tp - 1:2] for k in range(4)]))               # (4a,B,Tp,W,C)
-    v = jnp.stack(_bt(*[r[:, :, :, k:k + 2 * Tq - 1:2] for k in range(4)]), axis=1)  # (4a,4b,B,Tp,Tq,C)
+    r = jnp.stack(_bt(*[x[:, k : k + 2 * Tp - 1 : 2] for k in range(4)]))  # (4a,B,Tp,W,C)
+    v = jnp.stack(_bt(*[r[:, :, :, k : k + 2 * Tq - 1 : 2] for k in range(4)]), axis=1)  # (4a,4b,B,Tp,Tq,C)
     return v.reshape(16, B * Tp * Tq, C)
 
 
 def _kernel_transform(kernel):
     """(3,3,C,F) -> U (16, C, F)."""
+
     def g(w0, w1, w2):
         return (w0, 0.5 * (w0 + w1 + w2), 0.5 * (w0 - w1 + w2), w2)
-    rows = g(kernel[0], kernel[1], kernel[2])                                  # 4 x (3,C,F)
+
+    rows = g(kernel[0], kernel[1], kernel[2])  # 4 x (3,C,F)
     return jnp.stack([c for r in rows for c in g(r[0], r[1], r[2])])
 
 
@@ -371,7 +382,7 @@ def _conv_pool_winograd_bwd(res, g):
     F = kernel.shape[3]
     Tp, Tq = (H - 2) // 2, (W - 2) // 2
     N = B * Tp * Tq
-    dy = _onehot_rows(idx, g.reshape(N, F), 4)                                  # (4,N,F)
+    dy = _onehot_rows(idx, g.reshape(N, F), 4)  # (4,N,F)
     # The output transform's transpose as one (16,4) @ (4, N*F) matmul: this also makes XLA
     # write dy once instead of recomputing it inside 16 consumers.
     dm = jnp.dot(jnp.asarray(_AT16, g.dtype), dy.reshape(4, N * F)).reshape(16, N, F)

@@ -69,18 +69,23 @@ class SingleDevice:
 def _check_num_devices(num_devices: int | None) -> int:
     available = jax.device_count()
     if jax.local_device_count() * jax.process_count() != available:
-        raise ValueError(f"every process must hold as many devices as the others: {available} devices over "
-                         f"{jax.process_count()} processes, {jax.local_device_count()} of them here")
+        raise ValueError(
+            f"every process must hold as many devices as the others: {available} devices over "
+            f"{jax.process_count()} processes, {jax.local_device_count()} of them here"
+        )
     if num_devices is None:
         return available
     if isinstance(num_devices, bool) or not isinstance(num_devices, (int, np.integer)) or num_devices < 1:
         raise ValueError(f"num_devices must be a positive integer or None, got {num_devices!r}")
     if num_devices > available:
-        raise ValueError(f"num_devices={num_devices} is larger than the {available} devices there are "
-                         f"({jax.devices()[0].platform})")
+        raise ValueError(
+            f"num_devices={num_devices} is larger than the {available} devices there are ({jax.devices()[0].platform})"
+        )
     if jax.process_count() > 1 and num_devices != available:
-        raise ValueError(f"num_devices: with {jax.process_count()} processes the mesh spans all {available} devices, "
-                         f"got {num_devices}")
+        raise ValueError(
+            f"num_devices: with {jax.process_count()} processes the mesh spans all {available} devices, "
+            f"got {num_devices}"
+        )
     return int(num_devices)
 
 
@@ -170,8 +175,13 @@ class Pmap:
 
     def compile(self, step: Callable, donate_argnums: tuple[int, ...] = ()) -> Callable:
         """`step` pmapped over the mesh's devices, with gradients and totals psum-ed over `AXIS`."""
-        return jax.pmap(step, axis_name=AXIS, donate_argnums=donate_argnums, devices=list(self.mesh.devices.flat),
-                        axis_size=self.num_replicas)
+        return jax.pmap(
+            step,
+            axis_name=AXIS,
+            donate_argnums=donate_argnums,
+            devices=list(self.mesh.devices.flat),
+            axis_size=self.num_replicas,
+        )
 
     def replicate(self, tree: Any) -> Any:
         """One copy of `tree` per device, stacked on a new leading axis.
@@ -220,8 +230,9 @@ def _env_int(name: str, value: int | None) -> int | None:
         raise ValueError(f"{name} must be an integer, got {os.environ[name]!r}") from None
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> int:
+def initialize(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> int:
     """Join a run of several processes through `jax.distributed.initialize`; returns the process count.
 
     Each argument left None is read from the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
@@ -240,8 +251,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError(f"process_id must be in [0, {num_processes}) for {num_processes} processes, got {process_id}")
     if not coordinator_address or not re.fullmatch(r"\S+:\d+", coordinator_address):
         raise ValueError(f"coordinator_address must be 'host:port' (process 0's address), got {coordinator_address!r}")
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
     return num_processes
 
 
@@ -256,16 +268,20 @@ def _cpu_env(devices_per_process: int, num_processes: int, process_id: int, port
     """The environment of one loopback process: CPU only, its device count, and where the coordinator is."""
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
     root = str(Path(__file__).resolve().parent.parent)
-    return {**os.environ,
-            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip(),
-            "JAX_PLATFORMS": "cpu",
-            "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-            ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(num_processes),
-            ENV_PROCESS_ID: str(process_id)}
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip(),
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+        ENV_COORDINATOR: f"127.0.0.1:{port}",
+        ENV_NUM_PROCESSES: str(num_processes),
+        ENV_PROCESS_ID: str(process_id),
+    }
 
 
-def launch_local(argv: Sequence[str], num_processes: int, *, devices_per_process: int = 1,
-                 timeout: float = 600.0) -> list[str]:
+def launch_local(
+    argv: Sequence[str], num_processes: int, *, devices_per_process: int = 1, timeout: float = 600.0
+) -> list[str]:
     """Run `python argv...` as `num_processes` CPU processes joined on 127.0.0.1; returns each one's output.
 
     For trying several hosts on one machine: each process gets `devices_per_process` virtual CPU devices and
@@ -280,13 +296,22 @@ def launch_local(argv: Sequence[str], num_processes: int, *, devices_per_process
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="flaxlesson-launch-") as logs:
         files = [open(Path(logs) / f"process{i}.log", "w+") for i in range(num_processes)]
-        procs = [subprocess.Popen([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT,
-                                  env=_cpu_env(devices_per_process, num_processes, i, port))
-                 for i, f in enumerate(files)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, *argv],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=_cpu_env(devices_per_process, num_processes, i, port),
+            )
+            for i, f in enumerate(files)
+        ]
         deadline = time.monotonic() + timeout
         try:
-            while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs) \
-                    and time.monotonic() < deadline:
+            while (
+                any(p.poll() is None for p in procs)
+                and all(p.poll() in (None, 0) for p in procs)
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.05)
             codes = [p.poll() for p in procs]
         finally:

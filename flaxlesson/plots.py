@@ -48,8 +48,10 @@ def prediction_grid(
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ValueError(f"images: expected NHWC with 1 or 3 channels, got shape {images.shape}")
     if not len(images) == len(y_true) == len(y_pred) > 0:
-        raise ValueError(f"images, y_true, y_pred: expected the same non-zero length, "
-                         f"got {len(images)}, {len(y_true)}, {len(y_pred)}")
+        raise ValueError(
+            f"images, y_true, y_pred: expected the same non-zero length, "
+            f"got {len(images)}, {len(y_true)}, {len(y_pred)}"
+        )
     _check_labels(class_names, y_true=y_true, y_pred=y_pred)
     if columns < 1:
         raise ValueError(f"columns must be a positive integer, got {columns}")
@@ -59,8 +61,9 @@ def prediction_grid(
         ax.axis("off")
     for ax, image, true, pred in zip(axes.flat, images, y_true, y_pred):
         ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0.0, vmax=1.0)
-        ax.set_title(f"{class_names[pred]}\n(true: {class_names[true]})", fontsize=8,
-                     color="black" if pred == true else "red")
+        ax.set_title(
+            f"{class_names[pred]}\n(true: {class_names[true]})", fontsize=8, color="black" if pred == true else "red"
+        )
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -72,8 +75,10 @@ def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: str |
     """A confusion matrix (rows true class, columns predicted) as a heat map with counts in its cells."""
     matrix = np.asarray(matrix)
     if matrix.shape != (len(class_names), len(class_names)):
-        raise ValueError(f"matrix: expected shape ({len(class_names)}, {len(class_names)}) for "
-                         f"{len(class_names)} class_names, got {matrix.shape}")
+        raise ValueError(
+            f"matrix: expected shape ({len(class_names)}, {len(class_names)}) for "
+            f"{len(class_names)} class_names, got {matrix.shape}"
+        )
     size = 1.0 + 0.6 * len(class_names)
     fig, ax = plt.subplots(figsize=(size + 1.5, size))
     shown = ax.imshow(matrix, cmap="Blues")
@@ -84,8 +89,15 @@ def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: str |
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     for (row, col), count in np.ndenumerate(matrix):
-        ax.text(col, row, f"{count:g}", ha="center", va="center", fontsize=7,
-                color="white" if count > matrix.max() / 2 else "black")
+        ax.text(
+            col,
+            row,
+            f"{count:g}",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if count > matrix.max() / 2 else "black",
+        )
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -96,8 +108,10 @@ def confusion_matrix(matrix: np.ndarray, class_names: Sequence[str], path: str |
 def _check_labels(class_names: Sequence[str], **labels: np.ndarray) -> None:
     for name, y in labels.items():
         if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= len(class_names):
-            raise ValueError(f"{name}: labels must be integers in [0, {len(class_names)}) to index class_names, "
-                             f"got {y.dtype} from {y.min()} to {y.max()}")
+            raise ValueError(
+                f"{name}: labels must be integers in [0, {len(class_names)}) to index class_names, "
+                f"got {y.dtype} from {y.min()} to {y.max()}"
+            )
 
 
 def augmentation_grid(original: np.ndarray, augmented: np.ndarray, path: str | os.PathLike) -> None:
@@ -109,8 +123,10 @@ def augmentation_grid(original: np.ndarray, augmented: np.ndarray, path: str | o
     if original.ndim != 3 or original.shape[-1] not in (1, 3):
         raise ValueError(f"original must be one (height, width, 1 or 3) image, got shape {original.shape}.")
     if augmented.ndim != 4 or augmented.shape[1:] != original.shape:
-        raise ValueError(f"augmented must be (n, {', '.join(map(str, original.shape))}) images like original, "
-                         f"got shape {augmented.shape}.")
+        raise ValueError(
+            f"augmented must be (n, {', '.join(map(str, original.shape))}) images like original, "
+            f"got shape {augmented.shape}."
+        )
     images = [original, *augmented]
     cols = math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / cols)

@@ -17,8 +17,12 @@ import optax
 def run_info() -> dict[str, Any]:
     """Library versions and devices, so a figure can be traced to what produced it."""
     return {
-        "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "jax": jax.__version__,
+            "flax": flax.__version__,
+            "optax": optax.__version__,
+            "python": platform.python_version(),
+        },
         "devices": [str(d) for d in jax.devices()],
         "processor": platform.processor() or platform.machine(),
     }

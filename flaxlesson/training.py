@@ -42,8 +42,10 @@ def _check_class_labels(y: np.ndarray, num_classes: int) -> None:
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"y: sparse_categorical_crossentropy needs integer class labels, got dtype {y.dtype}")
     if y.size and (y.min() < 0 or y.max() >= num_classes):
-        raise ValueError(f"y: labels must lie in [0, {num_classes}) for a model with {num_classes} outputs, "
-                         f"got values from {y.min()} to {y.max()}")
+        raise ValueError(
+            f"y: labels must lie in [0, {num_classes}) for a model with {num_classes} outputs, "
+            f"got values from {y.min()} to {y.max()}"
+        )
 
 
 def _check_binary_labels(y: np.ndarray, num_outputs: int) -> None:
@@ -219,10 +221,13 @@ class History:
 
     def summary(self) -> dict[str, Any]:
         """The figures every experiment reports of a fit: curves, speed (median epoch; None if none ran), times."""
-        return {"history": self.history,
-                "train_samples_per_second": float(np.median(self.samples_per_second)) if self.epoch else None,
-                "samples_per_second_per_epoch": self.samples_per_second,
-                "train_seconds": float(np.sum(self.seconds)), "compile_seconds": self.compile_seconds}
+        return {
+            "history": self.history,
+            "train_samples_per_second": float(np.median(self.samples_per_second)) if self.epoch else None,
+            "samples_per_second_per_epoch": self.samples_per_second,
+            "train_seconds": float(np.sum(self.seconds)),
+            "compile_seconds": self.compile_seconds,
+        }
 
 
 class _Progress:
@@ -277,8 +282,10 @@ def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
         out = jax.eval_shape(lambda: _logits(state, state.params, sample))
     except flax.errors.ScopeParamShapeError as e:
         shape = np.shape(x["x"] if isinstance(x, dict) else x)[1:]
-        raise ValueError(f"x: samples of shape {shape} do not fit the model's parameters, which were initialised "
-                         f"on inputs of another shape ({e})") from e
+        raise ValueError(
+            f"x: samples of shape {shape} do not fit the model's parameters, which were initialised "
+            f"on inputs of another shape ({e})"
+        ) from e
     if y is None:
         return
     y = np.asarray(y)
@@ -289,11 +296,19 @@ def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
     get_loss(state.loss).check_labels(y, math.prod(out.shape[1:]))
 
 
-def _batches(strategy: Any, x: Any, y: np.ndarray | None, batch_size: int,
-             rng: np.random.Generator | None = None) -> Any:
+def _batches(
+    strategy: Any, x: Any, y: np.ndarray | None, batch_size: int, rng: np.random.Generator | None = None
+) -> Any:
     """The strategy's share of each global batch: padded to a multiple of its replicas, this process's slice."""
-    return data.iterate_batches(x, y, batch_size, rng=rng, pad_multiple=strategy.num_replicas,
-                                process_index=strategy.process_index, process_count=strategy.process_count)
+    return data.iterate_batches(
+        x,
+        y,
+        batch_size,
+        rng=rng,
+        pad_multiple=strategy.num_replicas,
+        process_index=strategy.process_index,
+        process_count=strategy.process_count,
+    )
 
 
 def _run_totals(strategy: Any, step: Callable, state: Any, batches: Any, *extra: Any) -> dict[str, float]:
@@ -335,8 +350,11 @@ def fit(
     """
     _check_positive_int("epochs", epochs)
     _check_positive_int("batch_size", batch_size)
-    if (isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer))
-            or not 0 <= initial_epoch <= epochs):
+    if (
+        isinstance(initial_epoch, bool)
+        or not isinstance(initial_epoch, (int, np.integer))
+        or not 0 <= initial_epoch <= epochs
+    ):
         raise ValueError(f"initial_epoch must be an integer in [0, epochs={epochs}], got {initial_epoch!r}")
     _check_xy(state, x, y)
     y = np.asarray(y)
@@ -351,7 +369,8 @@ def fit(
     steps = -(-n // batch_size)
 
     train_step = strategy.compile(
-        make_train_step(state.loss, axis_name=strategy.axis_name, augment=augment), donate_argnums=(0, 1))
+        make_train_step(state.loss, axis_name=strategy.axis_name, augment=augment), donate_argnums=(0, 1)
+    )
     eval_step = strategy.compile(make_eval_step(state.loss, axis_name=strategy.axis_name), donate_argnums=(1,))
     state = strategy.replicate(state)
     key = strategy.replicate(jax.random.key(seed))
@@ -379,14 +398,19 @@ def fit(
         history.append(epoch, logs, time.perf_counter() - start, n / train_seconds)
         if verbose:
             metrics = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
-            print(f"Epoch {epoch + 1}/{epochs} - {history.seconds[-1]:.2f}s - {n / train_seconds:,.0f} samples/s"
-                  f" - {metrics}", flush=True)
+            print(
+                f"Epoch {epoch + 1}/{epochs} - {history.seconds[-1]:.2f}s - {n / train_seconds:,.0f} samples/s"
+                f" - {metrics}",
+                flush=True,
+            )
         for callback in callbacks:
             callback(epoch, logs, strategy.unreplicate(state))
     return strategy.unreplicate(state), history
 
 
-def evaluate(state: TrainState, x: Any, y: np.ndarray, *, batch_size: int = 32, strategy: Any = None) -> dict[str, float]:
+def evaluate(
+    state: TrainState, x: Any, y: np.ndarray, *, batch_size: int = 32, strategy: Any = None
+) -> dict[str, float]:
     """Keras's `model.evaluate`: mean loss and accuracy over (x, y)."""
     _check_positive_int("batch_size", batch_size)
     _check_xy(state, x, y)

@@ -10,8 +10,15 @@ import scipy.ndimage
 
 from flaxlesson.augment import ImageDataGenerator, apply_affine_transform, augment, random_transform_params
 
-LESSON = ImageDataGenerator(rotation_range=20, width_shift_range=0.2, height_shift_range=0.2, shear_range=0.2,
-                            zoom_range=0.2, horizontal_flip=True, fill_mode="nearest")
+LESSON = ImageDataGenerator(
+    rotation_range=20,
+    width_shift_range=0.2,
+    height_shift_range=0.2,
+    shear_range=0.2,
+    zoom_range=0.2,
+    horizontal_flip=True,
+    fill_mode="nearest",
+)
 SHAPE = (7, 9, 2)  # non-square, so a row/column mix-up shows
 
 
@@ -34,8 +41,13 @@ def keras_matrix(theta, tx, ty, shear, zx, zy, rows, cols):
 def keras_apply(x, fill_mode, cval, order, **params):
     """What Keras returns: scipy.ndimage.affine_transform, channel by channel."""
     m = keras_matrix(**params, rows=x.shape[0], cols=x.shape[1])
-    return np.stack([scipy.ndimage.affine_transform(x[..., c], m[:2, :2], m[:2, 2], order=order, mode=fill_mode,
-                                                    cval=cval) for c in range(x.shape[-1])], axis=-1)
+    return np.stack(
+        [
+            scipy.ndimage.affine_transform(x[..., c], m[:2, :2], m[:2, 2], order=order, mode=fill_mode, cval=cval)
+            for c in range(x.shape[-1])
+        ],
+        axis=-1,
+    )
 
 
 def near_a_boundary(params, rows, cols, margin=1e-3):
@@ -55,8 +67,14 @@ def random_params(rng, rows, cols, count):
     """`count` wide-ranging parameter sets (plenty of samples fall outside the image), none near a boundary."""
     found = []
     while len(found) < count:
-        params = dict(theta=rng.uniform(-180, 180), tx=rng.uniform(-12, 12), ty=rng.uniform(-12, 12),
-                      shear=rng.uniform(-45, 45), zx=rng.uniform(0.5, 2.0), zy=rng.uniform(0.5, 2.0))
+        params = dict(
+            theta=rng.uniform(-180, 180),
+            tx=rng.uniform(-12, 12),
+            ty=rng.uniform(-12, 12),
+            shear=rng.uniform(-45, 45),
+            zx=rng.uniform(0.5, 2.0),
+            zy=rng.uniform(0.5, 2.0),
+        )
         if not near_a_boundary(params, rows, cols):
             found.append(params)
     return found
@@ -134,8 +152,16 @@ def test_flips_happen_about_half_the_time_and_only_when_asked():
 
 def test_defaults_draw_the_identity():
     p = draws(ImageDataGenerator(), count=16)
-    for name, value in [("theta", 0), ("tx", 0), ("ty", 0), ("shear", 0), ("zx", 1), ("zy", 1),
-                        ("flip_horizontal", False), ("flip_vertical", False)]:
+    for name, value in [
+        ("theta", 0),
+        ("tx", 0),
+        ("ty", 0),
+        ("shear", 0),
+        ("zx", 1),
+        ("zy", 1),
+        ("flip_horizontal", False),
+        ("flip_vertical", False),
+    ]:
         np.testing.assert_array_equal(p[name], value, err_msg=name)
 
 
@@ -172,8 +198,11 @@ def test_augment_is_keras_apply_transform_per_image():
     assert params["flip_horizontal"].any() and not params["flip_horizontal"].all()
     for i, image in enumerate(images):
         p = {name: value[i] for name, value in params.items()}
-        want = np.asarray(apply_affine_transform(image, *(p[n] for n in ("theta", "tx", "ty", "shear", "zx", "zy")),
-                                                 fill_mode="reflect"))
+        want = np.asarray(
+            apply_affine_transform(
+                image, *(p[n] for n in ("theta", "tx", "ty", "shear", "zx", "zy")), fill_mode="reflect"
+            )
+        )
         if p["flip_horizontal"]:
             want = want[:, ::-1]
         if p["flip_vertical"]:
@@ -202,32 +231,38 @@ def test_config_is_hashable_and_normalised():
     assert ImageDataGenerator(width_shift_range=3).width_shift_range == (0.0, 1.0, 2.0)
 
 
-@pytest.mark.parametrize("argument, value", [
-    ("rotation_range", -1.0),
-    ("width_shift_range", -0.1),
-    ("height_shift_range", []),
-    ("height_shift_range", "0.2"),
-    ("shear_range", float("nan")),
-    ("zoom_range", -0.2),
-    ("zoom_range", (0.5, 1.0, 1.5)),
-    ("zoom_range", "0.2"),
-    ("horizontal_flip", "yes"),
-    ("fill_mode", "mirror"),
-    ("cval", None),
-    ("interpolation_order", 3),
-])
+@pytest.mark.parametrize(
+    "argument, value",
+    [
+        ("rotation_range", -1.0),
+        ("width_shift_range", -0.1),
+        ("height_shift_range", []),
+        ("height_shift_range", "0.2"),
+        ("shear_range", float("nan")),
+        ("zoom_range", -0.2),
+        ("zoom_range", (0.5, 1.0, 1.5)),
+        ("zoom_range", "0.2"),
+        ("horizontal_flip", "yes"),
+        ("fill_mode", "mirror"),
+        ("cval", None),
+        ("interpolation_order", 3),
+    ],
+)
 def test_bad_generator_option_raises_naming_it(argument, value):
     with pytest.raises(ValueError, match=argument):
         ImageDataGenerator(**{argument: value})
 
 
-@pytest.mark.parametrize("argument, call", [
-    ("x", lambda: apply_affine_transform(np.zeros((4, 4)))),
-    ("fill_mode", lambda: apply_affine_transform(np.zeros((4, 4, 1)), fill_mode="mirror")),
-    ("order", lambda: apply_affine_transform(np.zeros((4, 4, 1)), order=3)),
-    ("image_shape", lambda: random_transform_params(jax.random.key(0), LESSON, (4, 4))),
-    ("images", lambda: augment(jax.random.key(0), np.zeros((4, 4, 1)), LESSON)),
-])
+@pytest.mark.parametrize(
+    "argument, call",
+    [
+        ("x", lambda: apply_affine_transform(np.zeros((4, 4)))),
+        ("fill_mode", lambda: apply_affine_transform(np.zeros((4, 4, 1)), fill_mode="mirror")),
+        ("order", lambda: apply_affine_transform(np.zeros((4, 4, 1)), order=3)),
+        ("image_shape", lambda: random_transform_params(jax.random.key(0), LESSON, (4, 4))),
+        ("images", lambda: augment(jax.random.key(0), np.zeros((4, 4, 1)), LESSON)),
+    ],
+)
 def test_bad_call_raises_naming_the_argument(argument, call):
     with pytest.raises(ValueError, match=argument):
         call()

@@ -15,8 +15,9 @@ def _data(n=7, seed=0):
 
 
 def _state(seed=0, outputs=1):
-    return training.create_train_state(models.MLP(num_classes=outputs), np.zeros((1, 3), np.float32), seed=seed,
-                                       loss="binary_crossentropy")
+    return training.create_train_state(
+        models.MLP(num_classes=outputs), np.zeros((1, 3), np.float32), seed=seed, loss="binary_crossentropy"
+    )
 
 
 def _by_formula(p, y):
@@ -66,10 +67,13 @@ def test_fit_learns_a_separable_binary_problem():
     assert training.evaluate(state, x, y)["accuracy"] >= 0.9
 
 
-@pytest.mark.parametrize("labels, match", [
-    (np.zeros((7, 2)), r"shape \(samples,\) or \(samples, 1\)"),
-    (np.full(7, 2), r"binary labels must lie in \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (np.zeros((7, 2)), r"shape \(samples,\) or \(samples, 1\)"),
+        (np.full(7, 2), r"binary labels must lie in \[0, 1\]"),
+    ],
+)
 def test_bad_binary_labels_are_rejected(labels, match):
     x, _ = _data()
     with pytest.raises(ValueError, match=match):

@@ -18,14 +18,25 @@ def _toy(n=40, seed=0):
 
 
 def _state(hidden=(12,), optimizer=None):
-    return training.create_train_state(models.MLP(hidden=hidden, num_classes=3), np.zeros((1, 5), np.float32),
-                                       optimizer=optimizer)
+    return training.create_train_state(
+        models.MLP(hidden=hidden, num_classes=3), np.zeros((1, 5), np.float32), optimizer=optimizer
+    )
 
 
 def _fit(state, epochs, initial_epoch=0, strategy=None, callbacks=()):
     x, y = _toy()
-    return training.fit(state, x, y, epochs=epochs, initial_epoch=initial_epoch, batch_size=12, seed=5, verbose=0,
-                        strategy=strategy, callbacks=callbacks)[0]
+    return training.fit(
+        state,
+        x,
+        y,
+        epochs=epochs,
+        initial_epoch=initial_epoch,
+        batch_size=12,
+        seed=5,
+        verbose=0,
+        strategy=strategy,
+        callbacks=callbacks,
+    )[0]
 
 
 def _assert_close(a, b, rtol=1e-5):
@@ -35,9 +46,13 @@ def _assert_close(a, b, rtol=1e-5):
 
 def _snapshot(directory):
     """Every file under `directory` with a hash of its bytes: equal snapshots mean nothing was touched."""
-    return {os.path.relpath(os.path.join(root, name), directory):
-            hashlib.sha256(open(os.path.join(root, name), "rb").read()).hexdigest()
-            for root, _, names in os.walk(directory) for name in names}
+    return {
+        os.path.relpath(os.path.join(root, name), directory): hashlib.sha256(
+            open(os.path.join(root, name), "rb").read()
+        ).hexdigest()
+        for root, _, names in os.walk(directory)
+        for name in names
+    }
 
 
 def test_saved_on_eight_devices_resumes_on_one_like_an_uninterrupted_run(tmp_path):
@@ -67,8 +82,10 @@ def test_a_checkpoint_is_written_every_epoch_keeping_the_newest(tmp_path):
 def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     def interrupt_saves_after_the_first_epoch(epoch, logs, state):
         if epoch == 1:
+
             async def killed(*args, **kwargs):
                 raise KeyboardInterrupt("killed while writing")
+
             monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", killed)
 
     after_one = _fit(_state(), 1)
@@ -79,8 +96,12 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     assert checkpoint.all_epochs(tmp_path) == [1]
     restored, epoch = checkpoint.restore(tmp_path, _state())
     _assert_close(restored.params, after_one.params, rtol=0)
-    resumed = _fit(restored, 3, initial_epoch=epoch,
-                   callbacks=[checkpoint.ModelCheckpoint(tmp_path, _state(), initial_epoch=epoch)])
+    resumed = _fit(
+        restored,
+        3,
+        initial_epoch=epoch,
+        callbacks=[checkpoint.ModelCheckpoint(tmp_path, _state(), initial_epoch=epoch)],
+    )
     assert checkpoint.all_epochs(tmp_path) == [2, 3]
     _assert_close(resumed.params, _fit(_state(), 3).params)
 
@@ -90,8 +111,11 @@ def test_another_models_checkpoint_is_refused_and_left_as_it_was(tmp_path, use):
     checkpoint.save(tmp_path, _state(hidden=(12,)), 1)
     before = _snapshot(tmp_path)
     other = _state(hidden=(7,))
-    with pytest.raises(ValueError, match=r"another model's state(.|\n)*params/Dense_0/kernel: checkpoint shape "
-                                         r"\(5, 12\), model shape \(5, 7\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"another model's state(.|\n)*params/Dense_0/kernel: checkpoint shape "
+        r"\(5, 12\), model shape \(5, 7\)",
+    ):
         checkpoint.restore(tmp_path, other) if use == "restore" else checkpoint.ModelCheckpoint(tmp_path, other)
     assert _snapshot(tmp_path) == before
 

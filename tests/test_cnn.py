@@ -11,8 +11,9 @@ from flaxlesson import models, plots, training
 
 
 def _cnn_state(size=28, channels=1, num_classes=10, seed=0):
-    return training.create_train_state(models.CNN(num_classes=num_classes),
-                                       np.zeros((1, size, size, channels), np.float32), seed=seed)
+    return training.create_train_state(
+        models.CNN(num_classes=num_classes), np.zeros((1, size, size, channels), np.float32), seed=seed
+    )
 
 
 def _halves(n=32, size=12, seed=0):
@@ -21,7 +22,7 @@ def _halves(n=32, size=12, seed=0):
     y = (np.arange(n) % 2).astype(np.int32)
     x = rng.uniform(0.0, 0.2, (n, size, size, 1)).astype(np.float32)
     for i, label in enumerate(y):
-        x[i, :, label * size // 2:(label + 1) * size // 2] += 0.8
+        x[i, :, label * size // 2 : (label + 1) * size // 2] += 0.8
     return x, y
 
 
@@ -88,8 +89,9 @@ def test_prediction_grid_and_confusion_matrix_write_pngs(tmp_path):
 
 def test_prediction_grid_rejects_labels_outside_class_names(tmp_path):
     with pytest.raises(ValueError, match=r"y_pred: labels must be integers in \[0, 2\)"):
-        plots.prediction_grid(np.zeros((2, 4, 4, 1)), np.array([0, 1]), np.array([0, 2]), ("a", "b"),
-                              tmp_path / "grid.png")
+        plots.prediction_grid(
+            np.zeros((2, 4, 4, 1)), np.array([0, 1]), np.array([0, 2]), ("a", "b"), tmp_path / "grid.png"
+        )
 
 
 def test_prediction_grid_rejects_images_that_are_not_nhwc(tmp_path):
@@ -132,8 +134,9 @@ def test_fast_cnn_equals_the_plain_form_in_value_and_gradient():
     def loss(model, p):
         return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, x), y).mean()
 
-    np.testing.assert_allclose(fast.apply({"params": params}, x), plain.apply({"params": params}, x), rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        fast.apply({"params": params}, x), plain.apply({"params": params}, x), rtol=1e-5, atol=1e-5
+    )
     grads = [jax.grad(loss, argnums=1)(m, params) for m in (fast, plain)]
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -144,8 +147,9 @@ def test_script_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(t
     whole = cnn_mnist.main([*common, "--epochs", "2", "--out", str(tmp_path / "whole")])
     ckpt = str(tmp_path / "ckpt")
     cnn_mnist.main([*common, "--epochs", "1", "--checkpoint-dir", ckpt, "--out", str(tmp_path / "first")])
-    resumed = cnn_mnist.main([*common, "--epochs", "2", "--checkpoint-dir", ckpt, "--resume",
-                              "--out", str(tmp_path / "resumed")])
+    resumed = cnn_mnist.main(
+        [*common, "--epochs", "2", "--checkpoint-dir", ckpt, "--resume", "--out", str(tmp_path / "resumed")]
+    )
     assert len(resumed["history"]["loss"]) == 1
     np.testing.assert_allclose(resumed["history"]["loss"][0], whole["history"]["loss"][1], rtol=1e-5)
     np.testing.assert_allclose(resumed["test_accuracy"], whole["test_accuracy"], atol=1e-6)

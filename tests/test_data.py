@@ -44,7 +44,9 @@ def test_batches_pad_to_a_multiple_of_devices():
 
 def test_shuffled_batches_cover_every_sample_once():
     rng = np.random.default_rng(0)
-    ys = np.concatenate([b["y"][b["mask"] > 0] for b in data.iterate_batches(np.zeros((11, 1)), np.arange(11), 4, rng=rng)])
+    ys = np.concatenate(
+        [b["y"][b["mask"] > 0] for b in data.iterate_batches(np.zeros((11, 1)), np.arange(11), 4, rng=rng)]
+    )
     assert sorted(ys.tolist()) == list(range(11))
     assert ys.tolist() != list(range(11))
 

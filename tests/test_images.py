@@ -40,11 +40,19 @@ def _prepared_tfds_metadata(root, name="mnist", file_format="array_record", leng
     """Metadata of a prepared TFDS dataset (no records): what `is_prepared` and the USE_FILES mock read."""
     builder = tfds.builder(name, data_dir=root, file_format=file_format)
     builder.data_path.mkdir(parents=True)
-    template = tfds.core.ShardedFileTemplate(data_dir=builder.data_path, dataset_name=name,
-                                             filetype_suffix=file_format, split="train")
-    builder.info.set_splits(tfds.core.SplitDict([
-        tfds.core.SplitInfo(name=split, shard_lengths=[n], num_bytes=0, filename_template=template.replace(split=split))
-        for split, n in lengths]))
+    template = tfds.core.ShardedFileTemplate(
+        data_dir=builder.data_path, dataset_name=name, filetype_suffix=file_format, split="train"
+    )
+    builder.info.set_splits(
+        tfds.core.SplitDict(
+            [
+                tfds.core.SplitInfo(
+                    name=split, shard_lengths=[n], num_bytes=0, filename_template=template.replace(split=split)
+                )
+                for split, n in lengths
+            ]
+        )
+    )
     builder.info.write_to_directory(builder.data_path)
     return root
 
@@ -178,7 +186,9 @@ def test_digits_take_no_data_dir(tmp_path):
 
 
 def test_unknown_dataset_lists_the_known_ones():
-    with pytest.raises(ValueError, match=r"dataset must be one of \['auto', 'mnist', 'fashion_mnist', 'idx', 'digits'\]"):
+    with pytest.raises(
+        ValueError, match=r"dataset must be one of \['auto', 'mnist', 'fashion_mnist', 'idx', 'digits'\]"
+    ):
         data.load_images("cifar10")
 
 
@@ -222,8 +232,11 @@ def test_tfds_preparation_failure_is_wrapped_with_offline_options(tmp_path, monk
         raise ConnectionError("Name or service not known")
 
     monkeypatch.setattr(tfds, "data_source", no_network)
-    with pytest.raises(data.DatasetUnavailableError, match=r"preparing it failed \(ConnectionError: Name or service"
-                                                           r" not known\); preparing needs network.*dataset='digits'"):
+    with pytest.raises(
+        data.DatasetUnavailableError,
+        match=r"preparing it failed \(ConnectionError: Name or service"
+        r" not known\); preparing needs network.*dataset='digits'",
+    ):
         data.load_images("mnist", tmp_path)
 
 
@@ -237,8 +250,9 @@ def test_tfds_prepared_as_tfrecord_is_explained(tmp_path):
 
 
 def test_auto_takes_tfds_mnist_when_prepared(tmp_path, without_tensorflow, capsys):
-    with tfds.testing.mock_data(num_examples=3, data_dir=str(_prepared_tfds_metadata(tmp_path)),
-                                policy=tfds.testing.MockPolicy.USE_FILES):
+    with tfds.testing.mock_data(
+        num_examples=3, data_dir=str(_prepared_tfds_metadata(tmp_path)), policy=tfds.testing.MockPolicy.USE_FILES
+    ):
         images = data.load_images("auto")
     assert images.name == "mnist" and len(images.x_train) == 3
     assert "because TFDS mnist is prepared locally" in images.source

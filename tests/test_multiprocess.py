@@ -16,27 +16,38 @@ def _argv(**settings):
 def test_two_processes_of_four_devices_train_as_one_process_of_eight(strategy, tmp_path):
     # Two processes on 127.0.0.1, each with 4 CPU devices and reading only its half of every global batch,
     # save their state each epoch; here, in one process of 8 devices, the same fit must give the same params.
-    metrics = distributed.main([*_argv(**SETTINGS), f"--strategy={strategy}", "--processes=2", "--cpu-devices=4",
-                                f"--checkpoint-dir={tmp_path / 'ckpt'}", f"--out={tmp_path / 'out'}",
-                                "--timeout=90"])
+    metrics = distributed.main(
+        [
+            *_argv(**SETTINGS),
+            f"--strategy={strategy}",
+            "--processes=2",
+            "--cpu-devices=4",
+            f"--checkpoint-dir={tmp_path / 'ckpt'}",
+            f"--out={tmp_path / 'out'}",
+            "--timeout=90",
+        ]
+    )
     assert (metrics["num_processes"], metrics["num_devices"]) == (2, 8)
     assert metrics["max_abs_param_diff"] < 1e-5
 
     x, y = distributed.make_data(SETTINGS["samples"], SETTINGS["features"], SETTINGS["classes"], SETTINGS["seed"])
     start = training.create_train_state(distributed.lesson_model(), x[:1], seed=SETTINGS["seed"])
-    one_process, history = training.fit(start, x, y, epochs=2, batch_size=30, seed=SETTINGS["seed"], verbose=0,
-                                        strategy=strategy)
+    one_process, history = training.fit(
+        start, x, y, epochs=2, batch_size=30, seed=SETTINGS["seed"], verbose=0, strategy=strategy
+    )
     two_processes, epoch = checkpoint.restore(tmp_path / "ckpt", start, strategy=strategy)
     assert epoch == 2 and int(two_processes.step) == int(one_process.step) == 4
-    for a, b in zip(jax.tree.leaves(jax.device_get(two_processes.params)),
-                    jax.tree.leaves(jax.device_get(one_process.params)), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(jax.device_get(two_processes.params)),
+        jax.tree.leaves(jax.device_get(one_process.params)),
+        strict=True,
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(metrics["history"]["loss"], history.history["loss"], rtol=1e-5)
 
 
 def test_a_failing_process_stops_the_launch_with_its_output():
-    code = ("import os, sys; rank = int(os.environ['JAX_PROCESS_ID']); print('process', rank); "
-            "sys.exit(rank * 3)")
+    code = "import os, sys; rank = int(os.environ['JAX_PROCESS_ID']); print('process', rank); sys.exit(rank * 3)"
     with pytest.raises(RuntimeError, match=r"process 1 of 2 exited with code 3(.|\n)*process 1"):
         parallel.launch_local(["-c", code], 2, timeout=30)
 
@@ -47,17 +58,24 @@ def test_a_launch_past_its_timeout_is_stopped():
 
 
 def test_launched_processes_see_their_devices_and_rank():
-    code = ("import os; print(os.environ['JAX_PROCESS_ID'], os.environ['JAX_NUM_PROCESSES'], "
-            "os.environ['JAX_COORDINATOR_ADDRESS'].startswith('127.0.0.1:'), os.environ['XLA_FLAGS'])")
+    code = (
+        "import os; print(os.environ['JAX_PROCESS_ID'], os.environ['JAX_NUM_PROCESSES'], "
+        "os.environ['JAX_COORDINATOR_ADDRESS'].startswith('127.0.0.1:'), os.environ['XLA_FLAGS'])"
+    )
     outputs = parallel.launch_local(["-c", code], 3, devices_per_process=2, timeout=30)
     assert [o.split()[:3] for o in outputs] == [[str(i), "3", "True"] for i in range(3)]
     assert all(o.split()[-1] == "--xla_force_host_platform_device_count=2" for o in outputs)
     assert all(o.count("device_count") == 1 for o in outputs)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"num_processes": 0}, "num_processes"),
-                                           ({"num_processes": 2, "devices_per_process": 0}, "devices_per_process"),
-                                           ({"num_processes": 2, "timeout": 0}, "timeout")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_processes": 0}, "num_processes"),
+        ({"num_processes": 2, "devices_per_process": 0}, "devices_per_process"),
+        ({"num_processes": 2, "timeout": 0}, "timeout"),
+    ],
+)
 def test_bad_launch_settings_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         parallel.launch_local(["-c", "pass"], **kwargs)

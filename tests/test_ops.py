@@ -48,16 +48,20 @@ def same_vjp(fast, plain, args, seed=99, tol=1e-5):
 
 # ---------------------------------------------------------------------------- max_pool
 
-@pytest.mark.parametrize("shape,window", [
-    ((1, 4, 4, 3), 2),
-    ((2, 11, 11, 5), 2),    # odd: 11 -> 5, the last row and column get no gradient
-    ((3, 7, 9, 2), 2),
-    ((2, 26, 26, 4), 2),
-    ((2, 10, 8, 3), 3),     # 10 -> 3, 8 -> 2
-    ((1, 5, 5, 1), 5),
-    ((1, 260, 7, 2), 2),    # more rows than an int8 index holds
-    ((1, 13, 13, 1), 12),   # 144 candidates per window
-])
+
+@pytest.mark.parametrize(
+    "shape,window",
+    [
+        ((1, 4, 4, 3), 2),
+        ((2, 11, 11, 5), 2),  # odd: 11 -> 5, the last row and column get no gradient
+        ((3, 7, 9, 2), 2),
+        ((2, 26, 26, 4), 2),
+        ((2, 10, 8, 3), 3),  # 10 -> 3, 8 -> 2
+        ((1, 5, 5, 1), 5),
+        ((1, 260, 7, 2), 2),  # more rows than an int8 index holds
+        ((1, 13, 13, 1), 12),  # 144 candidates per window
+    ],
+)
 def test_max_pool_matches_nn_max_pool(shape, window):
     x = rand(0, shape)
     same_vjp(lambda x: ops.max_pool(x, window), lambda x: plain_pool(x, window), (x,))
@@ -70,19 +74,22 @@ def test_max_pool_ties_go_to_the_first_element_like_select_and_scatter():
     same_vjp(lambda x: ops.max_pool(x), lambda x: plain_pool(x), (x,))
     x = jnp.ones((1, 4, 4, 1))
     g = jax.grad(lambda x: ops.max_pool(x).sum())(x)
-    np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0],
-                                  [[1, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(g)[0, :, :, 0], [[1, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
 
 
 # ---------------------------------------------------------------------------- conv2d
 
-@pytest.mark.parametrize("xshape,kshape", [
-    ((1, 5, 5, 1), (3, 3, 1, 4)),
-    ((2, 8, 7, 3), (3, 2, 3, 5)),
-    ((2, 13, 13, 8), (3, 3, 8, 6)),
-    ((1, 28, 28, 1), (3, 3, 1, 32)),
-    ((2, 6, 6, 2), (1, 1, 2, 3)),
-])
+
+@pytest.mark.parametrize(
+    "xshape,kshape",
+    [
+        ((1, 5, 5, 1), (3, 3, 1, 4)),
+        ((2, 8, 7, 3), (3, 2, 3, 5)),
+        ((2, 13, 13, 8), (3, 3, 8, 6)),
+        ((1, 28, 28, 1), (3, 3, 1, 32)),
+        ((2, 6, 6, 2), (1, 1, 2, 3)),
+    ],
+)
 def test_conv2d_matches_lax_conv(xshape, kshape):
     x, k = rand(2, xshape), rand(3, kshape)
     same_vjp(ops.conv2d, plain_conv, (x, k))
@@ -90,20 +97,23 @@ def test_conv2d_matches_lax_conv(xshape, kshape):
 
 # ---------------------------------------------------------------------------- conv2d_max_pool
 
-@pytest.mark.parametrize("xshape,kshape,window", [
-    ((1, 28, 28, 1), (3, 3, 1, 32), 2),    # the lesson's first layer: direct path, 26 -> 13
-    ((2, 13, 13, 8), (3, 3, 8, 16), 2),    # second layer's shape: Winograd, 11 -> 5 (odd)
-    ((1, 12, 12, 6), (3, 3, 6, 4), 2),     # even: 10 -> 5
-    ((3, 9, 7, 3), (3, 3, 3, 5), 2),       # direct path, several channels, 7 -> 5 -> 2
-    ((2, 4, 4, 16), (3, 3, 16, 4), 2),     # the smallest: 2 -> 1
-    ((2, 10, 9, 5), (3, 3, 5, 7), 2),      # Winograd, non-square and odd
-    ((1, 11, 11, 2), (5, 5, 2, 3), 2),     # other kernel: falls back to conv2d + max_pool
-    ((2, 11, 11, 2), (3, 3, 2, 3), 3),     # other window: falls back
-])
+
+@pytest.mark.parametrize(
+    "xshape,kshape,window",
+    [
+        ((1, 28, 28, 1), (3, 3, 1, 32), 2),  # the lesson's first layer: direct path, 26 -> 13
+        ((2, 13, 13, 8), (3, 3, 8, 16), 2),  # second layer's shape: Winograd, 11 -> 5 (odd)
+        ((1, 12, 12, 6), (3, 3, 6, 4), 2),  # even: 10 -> 5
+        ((3, 9, 7, 3), (3, 3, 3, 5), 2),  # direct path, several channels, 7 -> 5 -> 2
+        ((2, 4, 4, 16), (3, 3, 16, 4), 2),  # the smallest: 2 -> 1
+        ((2, 10, 9, 5), (3, 3, 5, 7), 2),  # Winograd, non-square and odd
+        ((1, 11, 11, 2), (5, 5, 2, 3), 2),  # other kernel: falls back to conv2d + max_pool
+        ((2, 11, 11, 2), (3, 3, 2, 3), 3),  # other window: falls back
+    ],
+)
 def test_conv2d_max_pool_matches_conv_then_pool(xshape, kshape, window):
     x, k = rand(4, xshape), rand(5, kshape)
-    same_vjp(lambda x, k: ops.conv2d_max_pool(x, k, window),
-             lambda x, k: plain_pool(plain_conv(x, k), window), (x, k))
+    same_vjp(lambda x, k: ops.conv2d_max_pool(x, k, window), lambda x, k: plain_pool(plain_conv(x, k), window), (x, k))
 
 
 @pytest.mark.parametrize("channels", [1, 8])
@@ -119,8 +129,11 @@ def test_bias_and_relu_after_the_pool_equal_keras_order(channels):
     """relu(pool(conv) + b) == pool(relu(conv + b)) in value and in gradient, as layers.ConvMaxPool relies on."""
     x, k = rand(8, (2, 13, 13, channels)), rand(9, (3, 3, channels, 6))
     b = rand(10, (6,), -0.5, 0.5)
-    same_vjp(lambda x, k, b: nn.relu(ops.conv2d_max_pool(x, k) + b),
-             lambda x, k, b: plain_pool(nn.relu(plain_conv(x, k) + b)), (x, k, b))
+    same_vjp(
+        lambda x, k, b: nn.relu(ops.conv2d_max_pool(x, k) + b),
+        lambda x, k, b: plain_pool(nn.relu(plain_conv(x, k) + b)),
+        (x, k, b),
+    )
 
 
 def test_jit_and_lesson_shapes():
@@ -130,6 +143,7 @@ def test_jit_and_lesson_shapes():
 
 
 # ---------------------------------------------------------------------------- layers
+
 
 def test_conv_max_pool_layer_has_nn_conv_params_and_outputs():
     class Plain(nn.Module):
@@ -148,11 +162,12 @@ def test_conv_max_pool_layer_has_nn_conv_params_and_outputs():
     p_fast = Fast().init(jax.random.key(0), x)
     assert jax.tree.structure(p_plain) == jax.tree.structure(p_fast)
     jax.tree.map(np.testing.assert_array_equal, p_plain, p_fast)
-    p = jax.tree.map(lambda a: a + 0.1, p_plain)   # nonzero bias
+    p = jax.tree.map(lambda a: a + 0.1, p_plain)  # nonzero bias
     same_vjp(lambda p: Fast().apply(p, x), lambda p: Plain().apply(p, x), (p,))
 
 
 # ---------------------------------------------------------------------------- bad input
+
 
 def test_bad_inputs_raise_clear_errors():
     x, k = jnp.zeros((1, 8, 8, 3)), jnp.zeros((3, 3, 3, 4))

@@ -8,33 +8,42 @@ from flaxlesson.data import pad_sequences
 SEQUENCES = [[1], [2, 3], [], [4, 5, 6, 7]]
 
 
-@pytest.mark.parametrize("padding, truncating, expected", [
-    ("pre", "pre", [[-1, -1, 1], [-1, 2, 3], [-1, -1, -1], [5, 6, 7]]),
-    ("pre", "post", [[-1, -1, 1], [-1, 2, 3], [-1, -1, -1], [4, 5, 6]]),
-    ("post", "pre", [[1, -1, -1], [2, 3, -1], [-1, -1, -1], [5, 6, 7]]),
-    ("post", "post", [[1, -1, -1], [2, 3, -1], [-1, -1, -1], [4, 5, 6]]),
-])
+@pytest.mark.parametrize(
+    "padding, truncating, expected",
+    [
+        ("pre", "pre", [[-1, -1, 1], [-1, 2, 3], [-1, -1, -1], [5, 6, 7]]),
+        ("pre", "post", [[-1, -1, 1], [-1, 2, 3], [-1, -1, -1], [4, 5, 6]]),
+        ("post", "pre", [[1, -1, -1], [2, 3, -1], [-1, -1, -1], [5, 6, 7]]),
+        ("post", "post", [[1, -1, -1], [2, 3, -1], [-1, -1, -1], [4, 5, 6]]),
+    ],
+)
 def test_maxlen_shorter_than_longest_truncates_and_pads(padding, truncating, expected):
     out = pad_sequences(SEQUENCES, maxlen=3, padding=padding, truncating=truncating, value=-1)
     np.testing.assert_array_equal(out, expected)
     assert out.dtype == np.int32
 
 
-@pytest.mark.parametrize("padding, truncating, expected", [
-    ("pre", "pre", [[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 2, 3], [0] * 6, [0, 0, 4, 5, 6, 7]]),
-    ("pre", "post", [[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 2, 3], [0] * 6, [0, 0, 4, 5, 6, 7]]),
-    ("post", "pre", [[1, 0, 0, 0, 0, 0], [2, 3, 0, 0, 0, 0], [0] * 6, [4, 5, 6, 7, 0, 0]]),
-    ("post", "post", [[1, 0, 0, 0, 0, 0], [2, 3, 0, 0, 0, 0], [0] * 6, [4, 5, 6, 7, 0, 0]]),
-])
+@pytest.mark.parametrize(
+    "padding, truncating, expected",
+    [
+        ("pre", "pre", [[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 2, 3], [0] * 6, [0, 0, 4, 5, 6, 7]]),
+        ("pre", "post", [[0, 0, 0, 0, 0, 1], [0, 0, 0, 0, 2, 3], [0] * 6, [0, 0, 4, 5, 6, 7]]),
+        ("post", "pre", [[1, 0, 0, 0, 0, 0], [2, 3, 0, 0, 0, 0], [0] * 6, [4, 5, 6, 7, 0, 0]]),
+        ("post", "post", [[1, 0, 0, 0, 0, 0], [2, 3, 0, 0, 0, 0], [0] * 6, [4, 5, 6, 7, 0, 0]]),
+    ],
+)
 def test_maxlen_longer_than_longest_only_pads(padding, truncating, expected):
     out = pad_sequences(SEQUENCES, maxlen=6, padding=padding, truncating=truncating)
     np.testing.assert_array_equal(out, expected)
 
 
-@pytest.mark.parametrize("padding, expected", [
-    ("pre", [[0, 0, 0, 1], [0, 0, 2, 3], [0, 0, 0, 0], [4, 5, 6, 7]]),
-    ("post", [[1, 0, 0, 0], [2, 3, 0, 0], [0, 0, 0, 0], [4, 5, 6, 7]]),
-])
+@pytest.mark.parametrize(
+    "padding, expected",
+    [
+        ("pre", [[0, 0, 0, 1], [0, 0, 2, 3], [0, 0, 0, 0], [4, 5, 6, 7]]),
+        ("post", [[1, 0, 0, 0], [2, 3, 0, 0], [0, 0, 0, 0], [4, 5, 6, 7]]),
+    ],
+)
 def test_maxlen_none_pads_to_the_longest(padding, expected):
     np.testing.assert_array_equal(pad_sequences(SEQUENCES, padding=padding), expected)
 
@@ -132,12 +141,15 @@ def test_bad_maxlen_is_rejected(maxlen):
         pad_sequences([[1, 2]], maxlen=maxlen)
 
 
-@pytest.mark.parametrize("sequences, match", [
-    (5, "sequences must be a list of sequences"),
-    ((s for s in [[1]]), "sequences must be a list of sequences"),
-    ([[1], 2], r"sequences\[1\] must be a sequence"),
-    ([[[1, 2]], [[3]]], r"sequences\[1\]: items of shape \(1,\), expected \(2,\)"),
-])
+@pytest.mark.parametrize(
+    "sequences, match",
+    [
+        (5, "sequences must be a list of sequences"),
+        ((s for s in [[1]]), "sequences must be a list of sequences"),
+        ([[1], 2], r"sequences\[1\] must be a sequence"),
+        ([[[1, 2]], [[3]]], r"sequences\[1\]: items of shape \(1,\), expected \(2,\)"),
+    ],
+)
 def test_malformed_sequences_are_rejected(sequences, match):
     with pytest.raises(ValueError, match=match):
         pad_sequences(sequences)

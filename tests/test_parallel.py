@@ -12,7 +12,7 @@ from flaxlesson import data, models, parallel, training
 def _toy(n=70, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, 6)).astype(np.float32)
-    y = ((x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.3).astype(np.int32) + (x[:, 2] > 1).astype(np.int32))
+    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.3).astype(np.int32) + (x[:, 2] > 1).astype(np.int32)
     return x, y
 
 
@@ -22,8 +22,18 @@ def _state():
 
 def _fit(strategy, batch_size, **kwargs):
     x, y = _toy()
-    return training.fit(_state(), x, y, epochs=2, batch_size=batch_size, validation_split=0.2, seed=3, verbose=0,
-                        strategy=strategy, **kwargs)
+    return training.fit(
+        _state(),
+        x,
+        y,
+        epochs=2,
+        batch_size=batch_size,
+        validation_split=0.2,
+        seed=3,
+        verbose=0,
+        strategy=strategy,
+        **kwargs,
+    )
 
 
 @functools.cache
@@ -87,8 +97,11 @@ def test_pmap_batch_has_a_leading_device_axis():
 
 @pytest.mark.parametrize("strategy, shape", [("sharded", (16, 3)), ("pmap", (8, 2, 3))])
 def test_dict_inputs_are_split_like_arrays(strategy, shape):
-    batch = {"x": {"x": np.zeros((16, 3), np.float32), "seq_lengths": np.arange(16)}, "y": np.arange(16),
-             "mask": np.ones(16, np.float32)}
+    batch = {
+        "x": {"x": np.zeros((16, 3), np.float32), "seq_lengths": np.arange(16)},
+        "y": np.arange(16),
+        "mask": np.ones(16, np.float32),
+    }
     placed = parallel.get_strategy(strategy).shard_batch(batch)
     assert placed["x"]["x"].shape == shape and placed["x"]["seq_lengths"].shape == shape[:-1]
     np.testing.assert_array_equal(np.asarray(placed["x"]["seq_lengths"]).ravel(), np.arange(16))
@@ -108,8 +121,11 @@ def test_pmap_replicate_and_unreplicate_round_trip():
 def test_predict_and_evaluate_match_one_device(strategy):
     x, y = _toy()
     state = _state()
-    np.testing.assert_allclose(training.predict(state, x, batch_size=30, strategy=strategy),
-                               training.predict(state, x, batch_size=30), rtol=1e-6)
+    np.testing.assert_allclose(
+        training.predict(state, x, batch_size=30, strategy=strategy),
+        training.predict(state, x, batch_size=30),
+        rtol=1e-6,
+    )
     result, single = training.evaluate(state, x, y, batch_size=30, strategy=strategy), training.evaluate(state, x, y)
     np.testing.assert_allclose([result["loss"], result["accuracy"]], [single["loss"], single["accuracy"]], rtol=1e-6)
 
@@ -127,18 +143,27 @@ def test_fit_leaves_the_callers_state_usable(strategy):
 def test_process_shares_tile_each_global_batch():
     x, y = np.arange(22.0)[:, None], np.arange(22)
     whole = list(data.iterate_batches(x, y, 10, rng=np.random.default_rng(1), pad_multiple=4))
-    shares = [list(data.iterate_batches(x, y, 10, rng=np.random.default_rng(1), pad_multiple=4, process_index=i,
-                                        process_count=2)) for i in range(2)]
+    shares = [
+        list(
+            data.iterate_batches(
+                x, y, 10, rng=np.random.default_rng(1), pad_multiple=4, process_index=i, process_count=2
+            )
+        )
+        for i in range(2)
+    ]
     for b, (first, second) in enumerate(zip(*shares)):
         for key in ("x", "y", "mask"):
             np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), whole[b][key])
     assert shares[1][-1]["mask"].tolist() == [0.0] * 6
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"process_index": 2, "process_count": 2}, "process_index"),
-    ({"process_index": 0, "process_count": 3}, "process_count"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"process_index": 2, "process_count": 2}, "process_index"),
+        ({"process_index": 0, "process_count": 3}, "process_count"),
+    ],
+)
 def test_bad_process_share_is_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         next(data.iterate_batches(np.zeros((8, 1)), np.zeros(8), 4, **kwargs))
@@ -157,14 +182,20 @@ def test_mesh_of_a_bad_size_is_rejected(make, num_devices, match):
         make(num_devices=num_devices)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 2}, r"process_id must be in \[0, 2\)"),
-    ({"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": -1}, "process_id"),
-    ({"num_processes": 1, "process_id": 1}, "process_id must be 0"),
-    ({"num_processes": 2, "process_id": 0}, "coordinator_address"),
-    ({"coordinator_address": "127.0.0.1", "num_processes": 2, "process_id": 0}, "host:port"),
-    ({"coordinator_address": "127.0.0.1:1234", "num_processes": 0, "process_id": 0}, "num_processes"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (
+            {"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": 2},
+            r"process_id must be in \[0, 2\)",
+        ),
+        ({"coordinator_address": "127.0.0.1:1234", "num_processes": 2, "process_id": -1}, "process_id"),
+        ({"num_processes": 1, "process_id": 1}, "process_id must be 0"),
+        ({"num_processes": 2, "process_id": 0}, "coordinator_address"),
+        ({"coordinator_address": "127.0.0.1", "num_processes": 2, "process_id": 0}, "host:port"),
+        ({"coordinator_address": "127.0.0.1:1234", "num_processes": 0, "process_id": 0}, "num_processes"),
+    ],
+)
 def test_bad_process_settings_are_rejected_before_starting(kwargs, match, monkeypatch):
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: pytest.fail("must not start"))
     with pytest.raises(ValueError, match=match):
@@ -187,15 +218,30 @@ def test_one_process_starts_nothing(monkeypatch):
 
 
 def test_experiment_reports_devices_and_the_difference_from_one_device(tmp_path):
-    metrics = distributed.main(["--strategy", "pmap", "--samples", "64", "--features", "8", "--epochs", "1",
-                                "--batch-size", "30", "--out", str(tmp_path)])
+    metrics = distributed.main(
+        [
+            "--strategy",
+            "pmap",
+            "--samples",
+            "64",
+            "--features",
+            "8",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "30",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert (metrics["num_devices"], metrics["num_processes"]) == (8, 1)
     assert metrics["max_abs_param_diff"] < 1e-5 and metrics["step_seconds"] > 0
     assert (tmp_path / "metrics.json").exists() and (tmp_path / "curves.png").exists()
 
 
-@pytest.mark.parametrize("argv", [["--strategy", "mirrored"], ["--processes", "2", "--process-id", "2"],
-                                  ["--resume"], ["--batch-size", "0"]])
+@pytest.mark.parametrize(
+    "argv", [["--strategy", "mirrored"], ["--processes", "2", "--process-id", "2"], ["--resume"], ["--batch-size", "0"]]
+)
 def test_experiment_rejects_bad_flags(argv, tmp_path, capsys):
     with pytest.raises(SystemExit):
         distributed.main([*argv, "--out", str(tmp_path)])

@@ -35,8 +35,10 @@ def _keras_formula(params, x, activation):
 def test_parameters_are_keras_simple_rnn_weights():
     params = _init(models.SimpleRNNClassifier(units=8))["params"]
     shapes = jax.tree.map(np.shape, params)
-    assert shapes == {"SimpleCell_0": {"i": {"kernel": (1, 8), "bias": (8,)}, "h": {"kernel": (8, 8)}},
-                      "Dense_0": {"kernel": (8, 1), "bias": (1,)}}
+    assert shapes == {
+        "SimpleCell_0": {"i": {"kernel": (1, 8), "bias": (8,)}, "h": {"kernel": (8, 8)}},
+        "Dense_0": {"kernel": (8, 1), "bias": (1,)},
+    }
 
 
 def test_initialisers_are_keras():
@@ -74,8 +76,9 @@ def test_extra_padding_changes_nothing_with_seq_lengths():
     model = models.SimpleRNNClassifier(units=16)
     variables = _perturbed(_init(model))
     longer = np.pad(X, ((0, 0), (0, 4)))
-    np.testing.assert_allclose(model.apply(variables, X, seq_lengths=LENGTHS),
-                               model.apply(variables, longer, seq_lengths=LENGTHS), rtol=1e-6)
+    np.testing.assert_allclose(
+        model.apply(variables, X, seq_lengths=LENGTHS), model.apply(variables, longer, seq_lengths=LENGTHS), rtol=1e-6
+    )
 
 
 def test_extra_padding_changes_the_output_without_seq_lengths():
@@ -90,15 +93,18 @@ def test_seq_lengths_stop_each_sequence_at_its_last_real_step():
     variables = _perturbed(_init(model))
     masked = model.apply(variables, X, seq_lengths=LENGTHS)
     for row, length in enumerate(LENGTHS):
-        alone = model.apply(variables, X[row:row + 1, :length])
-        np.testing.assert_allclose(masked[row:row + 1], alone, rtol=1e-5, atol=1e-6)
+        alone = model.apply(variables, X[row : row + 1, :length])
+        np.testing.assert_allclose(masked[row : row + 1], alone, rtol=1e-5, atol=1e-6)
 
 
 def test_seq_lengths_work_under_jit():
     model = models.SimpleRNNClassifier(units=16)
     variables = _perturbed(_init(model))
-    np.testing.assert_allclose(jax.jit(model.apply)(variables, X, seq_lengths=LENGTHS),
-                               model.apply(variables, X, seq_lengths=LENGTHS), rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.jit(model.apply)(variables, X, seq_lengths=LENGTHS),
+        model.apply(variables, X, seq_lengths=LENGTHS),
+        rtol=1e-6,
+    )
 
 
 def test_fit_takes_seq_lengths_in_a_dict_input():
@@ -122,16 +128,19 @@ def test_multiclass_form_trains_with_sparse_categorical_crossentropy():
     np.testing.assert_allclose(p.sum(axis=1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("x, seq_lengths, match", [
-    ([[1, 2, 3], [4, 5]], None, "x: ragged sequences"),
-    (np.zeros(5), None, r"x: expected \(batch, steps\) or \(batch, steps, features\), got shape \(5,\)"),
-    (np.zeros((2, 3, 4, 1)), None, "x: expected"),
-    (np.array([["a", "b"]]), None, "x: expected numbers"),
-    (X, np.array([3, 2, 6]), r"seq_lengths: each length must lie in \[1, 5\]"),
-    (X, np.array([3, 0, 1]), r"seq_lengths: each length must lie in \[1, 5\]"),
-    (X, np.array([3.0, 2.0, 1.0]), "seq_lengths: expected integers"),
-    (X, np.array([3, 2]), r"seq_lengths: expected shape \(3,\)"),
-])
+@pytest.mark.parametrize(
+    "x, seq_lengths, match",
+    [
+        ([[1, 2, 3], [4, 5]], None, "x: ragged sequences"),
+        (np.zeros(5), None, r"x: expected \(batch, steps\) or \(batch, steps, features\), got shape \(5,\)"),
+        (np.zeros((2, 3, 4, 1)), None, "x: expected"),
+        (np.array([["a", "b"]]), None, "x: expected numbers"),
+        (X, np.array([3, 2, 6]), r"seq_lengths: each length must lie in \[1, 5\]"),
+        (X, np.array([3, 0, 1]), r"seq_lengths: each length must lie in \[1, 5\]"),
+        (X, np.array([3.0, 2.0, 1.0]), "seq_lengths: expected integers"),
+        (X, np.array([3, 2]), r"seq_lengths: expected shape \(3,\)"),
+    ],
+)
 def test_bad_model_input_is_rejected(x, seq_lengths, match):
     model = models.SimpleRNNClassifier(units=4)
     variables = _init(model)

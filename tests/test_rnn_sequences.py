@@ -19,9 +19,26 @@ def test_lesson_task_pads_fits_and_predicts(tmp_path):
 
 
 def test_rows_task_shows_seq_lengths_ignore_extra_padding(tmp_path):
-    metrics = rnn_sequences.main(["--task", "rows", "--dataset", "digits", "--units", "8", "--epochs", "1",
-                                  "--masking-epochs", "1", "--extra-padding", "5", "--validation-split", "0",
-                                  "--out", str(tmp_path)])
+    metrics = rnn_sequences.main(
+        [
+            "--task",
+            "rows",
+            "--dataset",
+            "digits",
+            "--units",
+            "8",
+            "--epochs",
+            "1",
+            "--masking-epochs",
+            "1",
+            "--extra-padding",
+            "5",
+            "--validation-split",
+            "0",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     masking = metrics["masking"]
     assert masking["with_seq_lengths"]["max_probability_change_from_extra_padding"] < 1e-5
     assert masking["without_seq_lengths"]["max_probability_change_from_extra_padding"] > 1e-3

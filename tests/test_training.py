@@ -135,24 +135,34 @@ def test_fit_learns_a_separable_problem():
 def test_verbose_two_prints_a_line_per_epoch(capsys):
     x, y = _toy()
     training.fit(_state(), x, y, epochs=2, batch_size=8, verbose=2)
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("Epoch")]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch")]
     assert len(lines) == 2 and "samples/s" in lines[0] and "loss:" in lines[0]
 
 
 def test_callbacks_see_every_epoch():
     x, y = _toy()
     seen = []
-    training.fit(_state(), x, y, epochs=3, batch_size=8, verbose=0,
-                 callbacks=[lambda epoch, logs, state: seen.append((epoch, int(state.step)))])
+    training.fit(
+        _state(),
+        x,
+        y,
+        epochs=3,
+        batch_size=8,
+        verbose=0,
+        callbacks=[lambda epoch, logs, state: seen.append((epoch, int(state.step)))],
+    )
     assert seen == [(0, 3), (1, 6), (2, 9)]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"batch_size": 0}, "batch_size"),
-    ({"epochs": 0}, "epochs"),
-    ({"validation_split": 1.0}, "validation_split"),
-    ({"validation_split": -0.5}, "validation_split"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"epochs": 0}, "epochs"),
+        ({"validation_split": 1.0}, "validation_split"),
+        ({"validation_split": -0.5}, "validation_split"),
+    ],
+)
 def test_bad_fit_arguments_are_rejected(kwargs, match):
     x, y = _toy()
     with pytest.raises(ValueError, match=match):
@@ -204,8 +214,9 @@ def test_augment_runs_on_each_training_batch_with_a_fresh_key():
 
 def test_augment_never_touches_validation_data():
     x, y = _toy(n=10)
-    trained, history = training.fit(_state(), x, y, epochs=1, batch_size=4, validation_split=0.2, augment=_noise,
-                                    verbose=0)
+    trained, history = training.fit(
+        _state(), x, y, epochs=1, batch_size=4, validation_split=0.2, augment=_noise, verbose=0
+    )
     expected = training.evaluate(trained, x[8:], y[8:])
     np.testing.assert_allclose(history.history["val_loss"][0], expected["loss"], rtol=1e-5)
 
