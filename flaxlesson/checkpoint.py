@@ -7,6 +7,7 @@ the names and shapes against the model at hand and places the arrays the way a s
 whatever device count the checkpoint was written on.
 """
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from flaxlesson import parallel
+from flaxlesson import checks, parallel
+from flaxlesson.callbacks import Callback
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -113,8 +117,7 @@ def save(directory: str | os.PathLike, state: Any, epoch: int, *, max_to_keep: i
 
     Every process of a multi-process run must call it; process 0 writes.
     """
-    if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
-        raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+    checks.non_negative_int("epoch", epoch)
     manager = _manager(directory, create=True, max_to_keep=max_to_keep)
     try:
         manager.save(int(epoch), args=ocp.args.StandardSave(_payload(state)))
@@ -145,7 +148,7 @@ def restore(
     return state.replace(step=restored["step"], params=restored["params"], opt_state=restored["opt_state"]), epoch
 
 
-class ModelCheckpoint:
+class ModelCheckpoint(Callback):
     """A `fit` callback that saves the train state after every epoch, as Keras's ModelCheckpoint does.
 
     Made before training starts, it refuses (with a CheckpointError, leaving the directory alone) a directory that
@@ -153,10 +156,8 @@ class ModelCheckpoint:
     """
 
     def __init__(self, directory: str | os.PathLike, state: Any, *, initial_epoch: int = 0, max_to_keep: int = 2):
-        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
-            raise ValueError(f"max_to_keep must be a positive integer, got {max_to_keep!r}")
-        if isinstance(initial_epoch, bool) or not isinstance(initial_epoch, (int, np.integer)) or initial_epoch < 0:
-            raise ValueError(f"initial_epoch must be a non-negative integer, got {initial_epoch!r}")
+        checks.positive_int("max_to_keep", max_to_keep)
+        checks.non_negative_int("initial_epoch", initial_epoch)
         self.directory, self.max_to_keep = Path(directory), max_to_keep
         if Path(directory).exists() and not Path(directory).is_dir():
             raise CheckpointError(f"directory: {str(directory)!r} is a file, not a directory")
@@ -170,7 +171,7 @@ class ModelCheckpoint:
                 f"initial_epoch={initial_epoch}; resume from the newest or use another directory"
             )
 
-    def __call__(self, epoch: int, logs: dict[str, float], state: Any) -> None:
+    def on_epoch_end(self, epoch: int, logs: dict[str, float], state: Any) -> None:
         """Save the state after `epoch` (0-based), as the checkpoint of `epoch + 1` trained epochs."""
         save(self.directory, state, epoch + 1, max_to_keep=self.max_to_keep)
 
@@ -190,5 +191,5 @@ def resume_or_start(
     initial_epoch = 0
     if resume and latest_epoch(directory) is not None:
         state, initial_epoch = restore(directory, state, strategy=strategy)
-        print(f"Resumed from {directory} after epoch {initial_epoch}", flush=True)
+        logger.info("Resumed from %s after epoch %d", directory, initial_epoch)
     return state, initial_epoch, [ModelCheckpoint(directory, state, initial_epoch=initial_epoch)]

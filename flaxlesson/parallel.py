@@ -17,17 +17,48 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flaxlesson import checks
+
 AXIS = "data"
 """The mesh axis, and the pmap axis, that the global batch is split over."""
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+class Strategy(Protocol):
+    """Where a fit's steps run: how they are compiled, and where state and per-step inputs are placed.
+
+    Every strategy gives the single-device update for the same global batches; `fit`, `evaluate`, `predict` and
+    checkpoints take one (or its name in `STRATEGIES`).
+    """
+
+    name: str
+    num_replicas: int
+    axis_name: str | None
+    process_index: int
+    process_count: int
+
+    def compile(self, step: Callable, donate_argnums: tuple[int, ...] = ()) -> Callable:
+        """`step` compiled for this strategy's devices, donating the named arguments' buffers."""
+
+    def replicate(self, tree: Any) -> Any:
+        """A copy of `tree` (state, totals, keys, resident data) wherever the step reads it."""
+
+    def unreplicate(self, tree: Any) -> Any:
+        """One copy of replicated state, as an ordinary pytree."""
+
+    def shard_steps(self, inputs: Any) -> Any:
+        """Inputs of several steps, (steps, this process's rows, ...), placed with the rows split over devices."""
+
+    def gather_rows(self, rows: Any) -> np.ndarray:
+        """A per-example output of stacked steps as one host array, (steps * global rows, ...), in batch order."""
 
 
 class SingleDevice:
@@ -53,17 +84,18 @@ class SingleDevice:
         """
         return jax.device_put(tree, self.device, may_alias=False)
 
-    def shard_batch(self, batch: Any) -> Any:
-        """Put one global batch where the step reads it."""
-        return jax.device_put(batch, self.device)
+    def shard_steps(self, inputs: Any) -> Any:
+        """Put the stacked inputs of several steps where the step reads them."""
+        return jax.device_put(inputs, self.device)
 
     def unreplicate(self, tree: Any) -> Any:
         """One copy of replicated state, as an ordinary pytree."""
         return tree
 
     def gather_rows(self, rows: Any) -> np.ndarray:
-        """A per-example output of a step as one host array in batch order."""
-        return np.asarray(rows)
+        """Stacked per-example outputs as one host array in batch order."""
+        rows = np.asarray(rows)
+        return rows.reshape(-1, *rows.shape[2:])
 
 
 def _check_num_devices(num_devices: int | None) -> int:
@@ -75,8 +107,7 @@ def _check_num_devices(num_devices: int | None) -> int:
         )
     if num_devices is None:
         return available
-    if isinstance(num_devices, bool) or not isinstance(num_devices, (int, np.integer)) or num_devices < 1:
-        raise ValueError(f"num_devices must be a positive integer or None, got {num_devices!r}")
+    checks.positive_int("num_devices", num_devices)
     if num_devices > available:
         raise ValueError(
             f"num_devices={num_devices} is larger than the {available} devices there are ({jax.devices()[0].platform})"
@@ -118,7 +149,16 @@ def _put(leaf: Any, sharding: NamedSharding, copies: int | None) -> jax.Array:
     return jax.device_put(value if copies is None else np.broadcast_to(value, (copies, *value.shape)), sharding)
 
 
-class Sharded:
+class _MeshStrategy:
+    """What the two multi-device strategies share: a 1-D data mesh over `num_devices` devices of every process."""
+
+    def __init__(self, num_devices: int | None = None):
+        self.mesh = data_mesh(num_devices)
+        self.num_replicas = self.mesh.size
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+
+
+class Sharded(_MeshStrategy):
     """Data parallel over a 1-D mesh: params and optimiser state replicated, each batch split on its leading axis.
 
     The core's step is jitted as it is; XLA reads the shardings of the arguments and inserts the all-reduce that
@@ -129,11 +169,9 @@ class Sharded:
     axis_name = None
 
     def __init__(self, num_devices: int | None = None):
-        self.mesh = data_mesh(num_devices)
-        self.num_replicas = self.mesh.size
-        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        super().__init__(num_devices)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
+        self.steps_sharding = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
 
     def compile(self, step: Callable, donate_argnums: tuple[int, ...] = ()) -> Callable:
         """`step` jitted once for the whole mesh; shardings come from the placed arguments."""
@@ -143,20 +181,21 @@ class Sharded:
         """A full copy of `tree` on every device of the mesh."""
         return jax.tree.map(lambda leaf: _put(leaf, self.replicated, None), tree)
 
-    def shard_batch(self, batch: Any) -> Any:
-        """The global batch, built from this process's contiguous slice of it (the whole batch on one process)."""
-        return jax.make_array_from_process_local_data(self.batch_sharding, batch)
+    def shard_steps(self, inputs: Any) -> Any:
+        """Global (steps, batch, ...) arrays built from this process's contiguous slice of every batch."""
+        return jax.make_array_from_process_local_data(self.steps_sharding, inputs)
 
     def unreplicate(self, tree: Any) -> Any:
         """Replicated arrays are already ordinary (global) arrays."""
         return tree
 
     def gather_rows(self, rows: jax.Array) -> np.ndarray:
-        """A batch-sharded output as one host array in batch order, on every process."""
-        return np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+        """Batch-sharded stacked outputs as one host array in batch order, on every process."""
+        rows = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+        return rows.reshape(-1, *rows.shape[2:])
 
 
-class Pmap:
+class Pmap(_MeshStrategy):
     """The `jax.pmap` form: state copied along a leading device axis, each device a slice of the batch.
 
     The core's step, built with `axis_name`, psums gradients and totals over that axis, which is the pmean of
@@ -167,9 +206,7 @@ class Pmap:
     axis_name = AXIS
 
     def __init__(self, num_devices: int | None = None):
-        self.mesh = data_mesh(num_devices)
-        self.num_replicas = self.mesh.size
-        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        super().__init__(num_devices)
         self.sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
         self.local_count = self.num_replicas // self.process_count
 
@@ -192,25 +229,29 @@ class Pmap:
         raw = jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
         return jax.tree.map(lambda leaf: _put(leaf, self.sharding, self.num_replicas), raw)
 
-    def shard_batch(self, batch: Any) -> Any:
-        """This process's slice of the global batch, reshaped to (local devices, rows per device, ...)."""
-        local = jax.tree.map(lambda a: np.reshape(a, (self.local_count, -1, *np.shape(a)[1:])), batch)
-        return jax.make_array_from_process_local_data(self.sharding, local)
+    def shard_steps(self, inputs: Any) -> Any:
+        """This process's (steps, rows, ...) inputs as (local devices, steps, rows per device, ...)."""
+
+        def split(a: np.ndarray) -> np.ndarray:
+            a = np.reshape(a, (a.shape[0], self.local_count, -1, *np.shape(a)[2:]))
+            return np.swapaxes(a, 0, 1)
+
+        return jax.make_array_from_process_local_data(self.sharding, jax.tree.map(split, inputs))
 
     def unreplicate(self, tree: Any) -> Any:
         """The first local device's copy, without the device axis."""
         return jax.tree.map(lambda leaf: leaf.addressable_shards[0].data[0], tree)
 
     def gather_rows(self, rows: jax.Array) -> np.ndarray:
-        """A per-device output as one host array in batch order, on every process."""
-        rows = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
-        return rows.reshape(-1, *rows.shape[2:])
+        """Per-device stacked outputs, (devices, steps, rows, ...), as one host array in batch order."""
+        rows = np.swapaxes(np.asarray(multihost_utils.process_allgather(rows, tiled=True)), 0, 1)
+        return rows.reshape(-1, *rows.shape[3:])
 
 
-STRATEGIES: dict[str, Callable[[], Any]] = {"single": SingleDevice, "sharded": Sharded, "pmap": Pmap}
+STRATEGIES: dict[str, Callable[[], Strategy]] = {"single": SingleDevice, "sharded": Sharded, "pmap": Pmap}
 
 
-def get_strategy(strategy: Any = None) -> Any:
+def get_strategy(strategy: Strategy | str | None = None) -> Strategy:
     """A strategy object from a name in `STRATEGIES`, an existing strategy, or None (one device)."""
     if strategy is None:
         return SingleDevice()
@@ -219,6 +260,15 @@ def get_strategy(strategy: Any = None) -> Any:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
         return STRATEGIES[strategy]()
     return strategy
+
+
+def device_memory_bytes(strategy: Strategy) -> int:
+    """Memory of one device the strategy runs on: its allocator's limit, or on a CPU the host's RAM per device."""
+    device = strategy.mesh.devices.flat[0] if hasattr(strategy, "mesh") else strategy.device
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
 
 
 def _env_int(name: str, value: int | None) -> int | None:
@@ -245,8 +295,7 @@ def initialize(
         if process_id not in (None, 0):
             raise ValueError(f"process_id must be 0 in a run of one process, got {process_id}")
         return 1
-    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
-        raise ValueError(f"num_processes must be a positive integer, got {num_processes!r}")
+    checks.positive_int("num_processes", num_processes)
     if isinstance(process_id, bool) or not isinstance(process_id, int) or not 0 <= process_id < num_processes:
         raise ValueError(f"process_id must be in [0, {num_processes}) for {num_processes} processes, got {process_id}")
     if not coordinator_address or not re.fullmatch(r"\S+:\d+", coordinator_address):

@@ -91,7 +91,9 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
     after_one = _fit(_state(), 1)
     saver = checkpoint.ModelCheckpoint(tmp_path, _state())
     with pytest.raises(KeyboardInterrupt):
-        _fit(_state(), 3, callbacks=[interrupt_saves_after_the_first_epoch, saver])
+        _fit(
+            _state(), 3, callbacks=[training.LambdaCallback(on_epoch_end=interrupt_saves_after_the_first_epoch), saver]
+        )
     monkeypatch.undo()
     assert checkpoint.all_epochs(tmp_path) == [1]
     restored, epoch = checkpoint.restore(tmp_path, _state())

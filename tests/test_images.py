@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from flaxlesson import data
+from flaxlesson import data, datasets
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
@@ -175,7 +175,7 @@ def test_digits_are_28x28_unit_images_split_by_class():
 
 def test_digits_resize_matches_jax_linear_resize():
     small = np.random.default_rng(0).uniform(size=(2, 8, 8))
-    resize = data._linear_resize_matrix(8, 28)
+    resize = datasets._linear_resize_matrix(8, 28)
     ours = np.einsum("oh,nhw,pw->nop", resize, small, resize)
     np.testing.assert_allclose(ours, jax.image.resize(small, (2, 28, 28), "linear"), atol=1e-6)
 
@@ -226,7 +226,7 @@ def test_tfds_not_prepared_without_tensorflow_says_so_and_names_offline_options(
 
 
 def test_tfds_preparation_failure_is_wrapped_with_offline_options(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_tensorflow_importable", lambda: True)
+    monkeypatch.setattr(datasets, "_tensorflow_importable", lambda: True)
 
     def no_network(*args, **kwargs):
         raise ConnectionError("Name or service not known")
@@ -249,29 +249,31 @@ def test_tfds_prepared_as_tfrecord_is_explained(tmp_path):
 # auto
 
 
-def test_auto_takes_tfds_mnist_when_prepared(tmp_path, without_tensorflow, capsys):
+def test_auto_takes_tfds_mnist_when_prepared(tmp_path, without_tensorflow, caplog):
     with tfds.testing.mock_data(
         num_examples=3, data_dir=str(_prepared_tfds_metadata(tmp_path)), policy=tfds.testing.MockPolicy.USE_FILES
     ):
-        images = data.load_images("auto")
+        with caplog.at_level("INFO", logger="flaxlesson"):
+            images = data.load_images("auto")
     assert images.name == "mnist" and len(images.x_train) == 3
     assert "because TFDS mnist is prepared locally" in images.source
-    assert "auto: using mnist" in capsys.readouterr().out
+    assert "auto: using mnist" in caplog.text
 
 
-def test_auto_takes_the_debian_folder_when_tfds_is_not_prepared(tmp_path, monkeypatch, capsys):
+def test_auto_takes_the_debian_folder_when_tfds_is_not_prepared(tmp_path, monkeypatch, caplog):
     _write_idx_dir(tmp_path / "fashion-mnist")
-    monkeypatch.setattr(data, "tfds_prepared", lambda name, data_dir=None: False)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "fashion-mnist"))
-    images = data.load_images("auto")
+    monkeypatch.setattr(datasets, "tfds_prepared", lambda name, data_dir=None: False)
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", str(tmp_path / "fashion-mnist"))
+    with caplog.at_level("INFO", logger="flaxlesson"):
+        images = data.load_images("auto")
     assert images.name == "idx" and images.x_train.shape == (6, 5, 5, 1)
     assert "TFDS mnist is not prepared" in images.source and "holds the four IDX files" in images.source
-    assert f"auto: using idx (idx files in {tmp_path / 'fashion-mnist'})" in capsys.readouterr().out
+    assert f"auto: using idx (idx files in {tmp_path / 'fashion-mnist'})" in caplog.text
 
 
 def test_auto_falls_back_to_digits_and_says_why(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "tfds_prepared", lambda name, data_dir=None: False)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
+    monkeypatch.setattr(datasets, "tfds_prepared", lambda name, data_dir=None: False)
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
     images = data.load_images("auto")
     assert images.name == "digits"
     assert f"{tmp_path / 'absent'} does not exist" in images.source
@@ -280,15 +282,15 @@ def test_auto_falls_back_to_digits_and_says_why(tmp_path, monkeypatch):
 def test_auto_skips_an_incomplete_debian_folder_naming_what_lacks(tmp_path, monkeypatch):
     _write_idx_dir(tmp_path)
     (tmp_path / "train-images-idx3-ubyte.gz").unlink()
-    monkeypatch.setattr(data, "tfds_prepared", lambda name, data_dir=None: False)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path))
+    monkeypatch.setattr(datasets, "tfds_prepared", lambda name, data_dir=None: False)
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", str(tmp_path))
     images = data.load_images("auto")
     assert images.name == "digits" and "lacks train-images-idx3-ubyte.gz" in images.source
 
 
 def test_auto_with_a_data_dir_reads_its_idx_files(tmp_path, monkeypatch):
     _write_idx_dir(tmp_path)
-    monkeypatch.setattr(data, "tfds_prepared", lambda name, data_dir=None: True)
+    monkeypatch.setattr(datasets, "tfds_prepared", lambda name, data_dir=None: True)
     images = data.load_images("auto", tmp_path)
     assert images.name == "idx" and "data_dir" in images.source
 
@@ -315,8 +317,8 @@ def test_auto_without_tensorflow_datasets_takes_the_offline_sources(tmp_path, mo
     def missing():
         raise data.DatasetUnavailableError("tensorflow_datasets is not installed")
 
-    monkeypatch.setattr(data, "_tfds", missing)
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
+    monkeypatch.setattr(datasets, "_tfds", missing)
+    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", str(tmp_path / "absent"))
     images = data.load_images("auto")
     assert images.name == "digits" and "tensorflow_datasets is not installed" in images.source
 

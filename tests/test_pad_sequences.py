@@ -137,7 +137,7 @@ def test_string_value_needs_an_object_dtype():
 
 @pytest.mark.parametrize("maxlen", [-1, 2.0, True])
 def test_bad_maxlen_is_rejected(maxlen):
-    with pytest.raises(ValueError, match="maxlen must be None or a non-negative integer"):
+    with pytest.raises(ValueError, match="maxlen must be a non-negative integer"):
         pad_sequences([[1, 2]], maxlen=maxlen)
 
 

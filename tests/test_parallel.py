@@ -77,34 +77,40 @@ def test_sharded_runs_the_cores_train_step_jitted_once(monkeypatch):
     monkeypatch.setattr(jax, "jit", lambda fun, *a, **kw: jitted.append(fun) or original(fun, *a, **kw))
     x, y = _toy(n=20)
     training.fit(_state(), x, y, batch_size=6, verbose=0, strategy="sharded")
-    assert [f.__name__ for f in jitted].count("train_step") == 1
+    assert [f.__name__ for f in jitted].count("train_steps") == 1
+
+
+def _stacked(batch, steps=2):
+    """`steps` copies of one step's inputs on a leading steps axis, as `fit` places them."""
+    return jax.tree.map(lambda a: np.stack([a] * steps), batch)
 
 
 def test_sharded_batch_rows_are_split_over_devices():
     batch = next(data.iterate_batches(np.arange(32.0)[:, None], np.arange(32), 32))
-    placed = parallel.Sharded().shard_batch(batch)
-    shards = sorted(placed["x"].addressable_shards, key=lambda s: s.index[0].start)
-    assert [s.data.shape for s in shards] == [(4, 1)] * 8
-    np.testing.assert_array_equal(np.asarray(shards[1].data)[:, 0], [4, 5, 6, 7])
+    placed = parallel.Sharded().shard_steps(_stacked(batch))
+    shards = sorted(placed["x"].addressable_shards, key=lambda s: s.index[1].start)
+    assert [s.data.shape for s in shards] == [(2, 4, 1)] * 8
+    np.testing.assert_array_equal(np.asarray(shards[1].data)[1, :, 0], [4, 5, 6, 7])
 
 
 def test_pmap_batch_has_a_leading_device_axis():
     batch = next(data.iterate_batches(np.arange(32.0)[:, None], np.arange(32), 30, pad_multiple=8))
-    placed = parallel.Pmap().shard_batch(batch)
-    assert placed["x"].shape == (8, 4, 1)
-    np.testing.assert_array_equal(np.asarray(placed["mask"])[-1], [1, 1, 0, 0])
+    placed = parallel.Pmap().shard_steps(_stacked(batch))
+    assert placed["x"].shape == (8, 2, 4, 1)
+    np.testing.assert_array_equal(np.asarray(placed["mask"])[-1, 1], [1, 1, 0, 0])
 
 
-@pytest.mark.parametrize("strategy, shape", [("sharded", (16, 3)), ("pmap", (8, 2, 3))])
+@pytest.mark.parametrize("strategy, shape", [("sharded", (2, 16, 3)), ("pmap", (8, 2, 2, 3))])
 def test_dict_inputs_are_split_like_arrays(strategy, shape):
     batch = {
         "x": {"x": np.zeros((16, 3), np.float32), "seq_lengths": np.arange(16)},
         "y": np.arange(16),
         "mask": np.ones(16, np.float32),
     }
-    placed = parallel.get_strategy(strategy).shard_batch(batch)
+    strategy = parallel.get_strategy(strategy)
+    placed = strategy.shard_steps(_stacked(batch))
     assert placed["x"]["x"].shape == shape and placed["x"]["seq_lengths"].shape == shape[:-1]
-    np.testing.assert_array_equal(np.asarray(placed["x"]["seq_lengths"]).ravel(), np.arange(16))
+    np.testing.assert_array_equal(strategy.gather_rows(placed["x"]["seq_lengths"]), np.tile(np.arange(16), 2))
 
 
 def test_pmap_replicate_and_unreplicate_round_trip():

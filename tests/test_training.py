@@ -149,7 +149,9 @@ def test_callbacks_see_every_epoch():
         epochs=3,
         batch_size=8,
         verbose=0,
-        callbacks=[lambda epoch, logs, state: seen.append((epoch, int(state.step)))],
+        callbacks=[
+            training.LambdaCallback(on_epoch_end=lambda epoch, logs, state: seen.append((epoch, int(state.step))))
+        ],
     )
     assert seen == [(0, 3), (1, 6), (2, 9)]
 

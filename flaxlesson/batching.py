@@ -1,0 +1,112 @@
+"""The one batch iterator, and Keras's validation split: host arrays in, fixed-size masked batches out.
+
+Batches come out at one fixed size (the last partial batch is padded and carries a mask), so the jitted steps that
+consume them compile once. Several processes each read only their share of every global batch.
+"""
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from flaxlesson import checks
+
+Batch = dict[str, Any]
+
+
+def num_examples(x: Any) -> int:
+    """Leading-axis length of `x`, an array or a dict of arrays that share it (e.g. inputs and seq_lengths)."""
+    leaves = list(x.values()) if isinstance(x, dict) else [x]
+    lengths = {len(leaf) for leaf in leaves}
+    if len(lengths) != 1:
+        raise ValueError(f"x: arrays of a dict input must share their leading length, got lengths {sorted(lengths)}")
+    return lengths.pop()
+
+
+def take(x: Any, indices: np.ndarray) -> Any:
+    """Rows `indices` of an array or of every array in a dict."""
+    if isinstance(x, dict):
+        return {k: np.asarray(v)[indices] for k, v in x.items()}
+    return np.asarray(x)[indices]
+
+
+def train_validation_split(x: Any, y: np.ndarray, validation_split: float) -> tuple[tuple, tuple]:
+    """Hold out the LAST `validation_split` of the data, before any shuffling, as Keras's `fit` does."""
+    checks.fraction("validation_split", validation_split)
+    n = num_examples(x)
+    split_at = int(math.floor(n * (1.0 - validation_split)))
+    if validation_split and split_at in (0, n):
+        raise ValueError(
+            f"validation_split={validation_split} leaves no training or no validation data from {n} samples"
+        )
+    first, rest = np.arange(split_at), np.arange(split_at, n)
+    return (take(x, first), y[first]), (take(x, rest), y[rest])
+
+
+def padded_size(batch_size: int, multiple: int = 1) -> int:
+    """`batch_size` rounded up to a multiple of `multiple` (e.g. the device count)."""
+    return -(-batch_size // multiple) * multiple
+
+
+def batch_indices(
+    n: int,
+    batch_size: int,
+    *,
+    rng: np.random.Generator | None = None,
+    pad_multiple: int = 1,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The rows and mask of each fixed-size batch of an epoch over `n` samples, shuffled by `rng` when given.
+
+    Each batch holds `batch_size` samples, the last one fewer; every batch is padded (with copies of its first
+    row) to `padded_size(batch_size, pad_multiple)` rows, and the mask is 1.0 on real rows, 0.0 on padding.
+    With `process_count` > 1 (several processes, the same `rng` seed in each), only process `process_index`'s
+    contiguous share of every padded global batch is yielded.
+    """
+    checks.positive_int("batch_size", batch_size)
+    size = padded_size(batch_size, pad_multiple)
+    if process_count < 1 or size % process_count:
+        raise ValueError(
+            f"process_count must be a positive divisor of the padded batch size {size}, got {process_count}"
+        )
+    checks.integer("process_index", process_index, low=0, high=process_count - 1)
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    share = slice(process_index * size // process_count, (process_index + 1) * size // process_count)
+    for start in range(0, n, batch_size):
+        rows = order[start : start + batch_size]
+        mask = np.zeros(size, np.float32)
+        mask[: len(rows)] = 1.0
+        rows = np.concatenate([rows, np.full(size - len(rows), rows[0])])
+        yield rows[share], mask[share]
+
+
+def iterate_batches(
+    x: Any,
+    y: np.ndarray | None,
+    batch_size: int,
+    *,
+    rng: np.random.Generator | None = None,
+    pad_multiple: int = 1,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[Batch]:
+    """Yield `{'x', 'y', 'mask'}` batches of one fixed size, shuffled by `rng` when given (see `batch_indices`).
+
+    With several processes only this process's share of every global batch is yielded, and only those rows of
+    `x` and `y` are read.
+    """
+    shares = batch_indices(
+        num_examples(x),
+        batch_size,
+        rng=rng,
+        pad_multiple=pad_multiple,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    for rows, mask in shares:
+        batch = {"x": take(x, rows), "mask": mask}
+        if y is not None:
+            batch["y"] = y[rows]
+        yield batch
