@@ -58,7 +58,13 @@ class ArraySource:
 
 
 def fits_on_device(x: Any, y: Any, strategy: parallel.Strategy, share: float = RESIDENT_SHARE) -> bool:
-    """Whether (x, y) fill at most `share` of one device's memory (each device holds a whole copy)."""
+    """Whether (x, y) should stay resident by default: one process, and at most `share` of one device's memory.
+
+    Each device holds a whole copy. With several processes each reads only its share of every batch from the
+    host instead, so no process needs the whole set on its devices.
+    """
+    if strategy.process_count > 1:
+        return False
     return nbytes((x, y)) <= share * parallel.device_memory_bytes(strategy)
 
 
