@@ -33,6 +33,13 @@ def non_negative_int(name: str, value: Any) -> int:
     return integer(name, value, low=0)
 
 
+def positive_number(name: str, value: Any) -> float:
+    """`value` as a float > 0: a time, a rate, a factor."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
 def fraction(name: str, value: Any) -> float:
     """`value` as a float in [0, 1): a share held out or dropped."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not 0.0 <= value < 1.0:

@@ -10,13 +10,7 @@ reads its own slice of each global batch, and the global arrays are built from t
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import jax
@@ -24,12 +18,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flaxlesson import checks
+from flaxlesson import checks, worker
 
 AXIS = "data"
 """The mesh axis, and the pmap axis, that the global batch is split over."""
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+CLUSTER_SIZE_VARIABLES = {"Open MPI": "OMPI_COMM_WORLD_SIZE", "SLURM": "SLURM_NTASKS"}
+"""The process count each cluster launcher that `jax.distributed.initialize` detects by itself sets."""
 
 
 class Strategy(Protocol):
@@ -280,17 +277,34 @@ def _env_int(name: str, value: int | None) -> int | None:
         raise ValueError(f"{name} must be an integer, got {os.environ[name]!r}") from None
 
 
+def _cluster_size() -> int | None:
+    """The process count a cluster launcher (mpirun, srun) set in the environment, None outside one."""
+    for launcher, name in CLUSTER_SIZE_VARIABLES.items():
+        value = os.environ.get(name, "")
+        if value and not value.isdigit():
+            raise ValueError(f"{name} (set by {launcher}) must be a process count, got {value!r}")
+        if value:
+            return int(value)
+    return None
+
+
 def initialize(
     coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> int:
     """Join a run of several processes through `jax.distributed.initialize`; returns the process count.
 
     Each argument left None is read from the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
-    `JAX_PROCESS_ID`); with one process (or none given) nothing is started. Call it before anything else in JAX.
+    `JAX_PROCESS_ID`). When the count is in neither, a cluster launcher's is used (Open MPI's `mpirun`, SLURM's
+    `srun`) and JAX works out the rest from that launcher's variables. With one process nothing is started. Under
+    `launch.launch_local` this also starts the heartbeat its launcher watches. Call it before anything else in JAX.
     """
+    worker.start_heartbeat()
     num_processes = _env_int(ENV_NUM_PROCESSES, num_processes)
     process_id = _env_int(ENV_PROCESS_ID, process_id)
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+    if num_processes is None and (_cluster_size() or 1) > 1:
+        jax.distributed.initialize(coordinator_address=coordinator_address, process_id=process_id)
+        return jax.process_count()
     if num_processes is None or num_processes == 1:
         if process_id not in (None, 0):
             raise ValueError(f"process_id must be 0 in a run of one process, got {process_id}")
@@ -304,80 +318,3 @@ def initialize(
         coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
     )
     return num_processes
-
-
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on at the moment."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cpu_env(devices_per_process: int, num_processes: int, process_id: int, port: int) -> dict[str, str]:
-    """The environment of one loopback process: CPU only, its device count, and where the coordinator is."""
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
-    root = str(Path(__file__).resolve().parent.parent)
-    return {
-        **os.environ,
-        "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices_per_process}".strip(),
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-        ENV_COORDINATOR: f"127.0.0.1:{port}",
-        ENV_NUM_PROCESSES: str(num_processes),
-        ENV_PROCESS_ID: str(process_id),
-    }
-
-
-def launch_local(
-    argv: Sequence[str], num_processes: int, *, devices_per_process: int = 1, timeout: float = 600.0
-) -> list[str]:
-    """Run `python argv...` as `num_processes` CPU processes joined on 127.0.0.1; returns each one's output.
-
-    For trying several hosts on one machine: each process gets `devices_per_process` virtual CPU devices and
-    finds the others through the environment that `initialize` reads. If one fails or `timeout` seconds pass,
-    the rest are stopped and a RuntimeError carries the failing process's last output.
-    """
-    for name, value in (("num_processes", num_processes), ("devices_per_process", devices_per_process)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not timeout > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    port = _free_port()
-    with tempfile.TemporaryDirectory(prefix="flaxlesson-launch-") as logs:
-        files = [open(Path(logs) / f"process{i}.log", "w+") for i in range(num_processes)]
-        procs = [
-            subprocess.Popen(
-                [sys.executable, *argv],
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                env=_cpu_env(devices_per_process, num_processes, i, port),
-            )
-            for i, f in enumerate(files)
-        ]
-        deadline = time.monotonic() + timeout
-        try:
-            while (
-                any(p.poll() is None for p in procs)
-                and all(p.poll() in (None, 0) for p in procs)
-                and time.monotonic() < deadline
-            ):
-                time.sleep(0.05)
-            codes = [p.poll() for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
-        outputs = []
-        for f in files:
-            f.seek(0)
-            outputs.append(f.read())
-            f.close()
-    failed = next((i for i, code in enumerate(codes) if code not in (None, 0)), None)
-    if failed is None and None in codes:
-        failed = codes.index(None)
-    if failed is not None:
-        why = f"exited with code {codes[failed]}" if codes[failed] is not None else f"timed out after {timeout:g}s"
-        tail = "\n".join(outputs[failed].splitlines()[-30:])
-        raise RuntimeError(f"process {failed} of {num_processes} {why}; its last output:\n{tail}")
-    return outputs

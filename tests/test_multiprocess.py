@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from experiments import distributed
-from flaxlesson import checkpoint, parallel, training
+from flaxlesson import checkpoint, training
 
 SETTINGS = {"samples": 52, "features": 8, "classes": 10, "epochs": 2, "batch_size": 30, "seed": 4}
 
@@ -44,38 +44,3 @@ def test_two_processes_of_four_devices_train_as_one_process_of_eight(strategy, t
     ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(metrics["history"]["loss"], history.history["loss"], rtol=1e-5)
-
-
-def test_a_failing_process_stops_the_launch_with_its_output():
-    code = "import os, sys; rank = int(os.environ['JAX_PROCESS_ID']); print('process', rank); sys.exit(rank * 3)"
-    with pytest.raises(RuntimeError, match=r"process 1 of 2 exited with code 3(.|\n)*process 1"):
-        parallel.launch_local(["-c", code], 2, timeout=30)
-
-
-def test_a_launch_past_its_timeout_is_stopped():
-    with pytest.raises(RuntimeError, match="timed out after 1s"):
-        parallel.launch_local(["-c", "import time; time.sleep(60)"], 2, timeout=1)
-
-
-def test_launched_processes_see_their_devices_and_rank():
-    code = (
-        "import os; print(os.environ['JAX_PROCESS_ID'], os.environ['JAX_NUM_PROCESSES'], "
-        "os.environ['JAX_COORDINATOR_ADDRESS'].startswith('127.0.0.1:'), os.environ['XLA_FLAGS'])"
-    )
-    outputs = parallel.launch_local(["-c", code], 3, devices_per_process=2, timeout=30)
-    assert [o.split()[:3] for o in outputs] == [[str(i), "3", "True"] for i in range(3)]
-    assert all(o.split()[-1] == "--xla_force_host_platform_device_count=2" for o in outputs)
-    assert all(o.count("device_count") == 1 for o in outputs)
-
-
-@pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        ({"num_processes": 0}, "num_processes"),
-        ({"num_processes": 2, "devices_per_process": 0}, "devices_per_process"),
-        ({"num_processes": 2, "timeout": 0}, "timeout"),
-    ],
-)
-def test_bad_launch_settings_are_rejected(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        parallel.launch_local(["-c", "pass"], **kwargs)
