@@ -242,4 +242,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    flags.setup_logging()
     main()

@@ -186,8 +186,12 @@ def to_argv(config: Config) -> list[str]:
 
 
 def setup_logging() -> None:
-    """Show the library's log lines (flaxlesson's INFO and up; others' warnings) on stdout, as plain lines."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    """For a script run as a program: the library's log lines (flaxlesson's INFO and up, others' warnings) on stdout.
+
+    `force` replaces the handler orbax puts on the root logger when imported. Not called by `main`, so tests that
+    call it keep pytest's own logging.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
     logging.getLogger("flaxlesson").setLevel(logging.INFO)
 
 
@@ -221,7 +225,6 @@ def execute(parser: argparse.ArgumentParser, run: Callable[[Any], dict], config:
     A ConfigError, before or during the run (data that is not there, a checkpoint of another model), exits as
     a usage error. After Ctrl-C the run has written metrics.json and its plots for what finished.
     """
-    setup_logging()
     try:
         check_before_training(config)
         metrics = run(config)

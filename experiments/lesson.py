@@ -350,4 +350,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    flags.setup_logging()
     sys.exit(main())
