@@ -6,15 +6,18 @@ Writes augmentation.png (the image and --n augmented versions) and metrics.json 
 batched `augment` on 256 test images, the dataset used, the generator's options) into --out.
 """
 
-import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from flaxlesson import augment, data, plots, results
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments import flags  # noqa: E402
+from flaxlesson import augment, data, plots, results  # noqa: E402
 
 LESSON = augment.LESSON_GENERATOR
 BATCH_SIZE = 256
@@ -36,33 +39,55 @@ def images_per_second(
     return calls * len(images) / float(np.median(times))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default="auto", help="image dataset for flaxlesson.data.load_images")
-    parser.add_argument("--data-dir", default=None, help="where the dataset's files are, if it needs any")
-    parser.add_argument("--n", type=int, default=8, help="number of augmented versions to draw")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/augmentation")
-    args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error("--n must be at least 1")
+@dataclasses.dataclass(frozen=True)
+class Config(flags.Config):
+    """The section's settings."""
 
-    dataset = data.load_images(args.dataset, args.data_dir)
+    FLAGS = {
+        "n": flags.Flag("number of augmented versions to draw", flags.positive_int),
+        "seed": flags.Flag("seeds the augmentations drawn", flags.non_negative_int),
+    }
+
+    dataset: str = "auto"
+    data_dir: str | None = None
+    n: int = 8
+    seed: int = 0
+    out: str = "runs/augmentation"
+
+    @classmethod
+    def quick(cls) -> "Config":
+        """The section is quick as it is: its own settings."""
+        return cls()
+
+
+def run(config: Config) -> dict:
+    """Augment test image 0 `n` times into augmentation.png, time `augment` on 256 images; write metrics.json."""
+    try:
+        dataset = data.load_images(config.dataset, config.data_dir)
+    except (ValueError, data.DatasetUnavailableError) as e:
+        raise flags.ConfigError("dataset", str(e)) from None
     image = dataset.x_test[0]
-    augmented = augment.augment(jax.random.key(args.seed), np.broadcast_to(image, (args.n, *image.shape)), LESSON)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    plots.augmentation_grid(image, np.asarray(augmented), Path(args.out) / "augmentation.png")
+    augmented = augment.augment(jax.random.key(config.seed), np.broadcast_to(image, (config.n, *image.shape)), LESSON)
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    plots.augmentation_grid(image, np.asarray(augmented), Path(config.out) / "augmentation.png")
 
     rate = images_per_second(np.resize(dataset.x_test, (BATCH_SIZE, *image.shape)), LESSON)
-    metrics = {"images_per_second": rate, "dataset": dataset.name, "config": dataclasses.asdict(LESSON), "n": args.n}
-    results.write_metrics(args.out, metrics)
+    metrics = {"images_per_second": rate, "dataset": dataset.name, "config": dataclasses.asdict(LESSON), "n": config.n}
+    results.write_metrics(config.out, metrics)
     print(
-        f"{dataset.name} test image 0 ({dataset.class_names[int(dataset.y_test[0])]}) and {args.n} augmented "
-        f"versions -> {args.out}/augmentation.png; augment: {rate:,.0f} images/s (batch {BATCH_SIZE}) "
-        f"-> {args.out}/metrics.json"
+        f"{dataset.name} test image 0 ({dataset.class_names[int(dataset.y_test[0])]}) and {config.n} augmented "
+        f"versions -> {config.out}/augmentation.png; augment: {rate:,.0f} images/s (batch {BATCH_SIZE}) "
+        f"-> {config.out}/metrics.json"
     )
     return metrics
 
 
+def main(argv: list[str] | None = None) -> dict:
+    """Flags -> Config -> run."""
+    parser = flags.parser(__doc__, Config())
+    return flags.execute(parser, run, flags.config(parser, Config, parser.parse_args(argv)))
+
+
 if __name__ == "__main__":
+    flags.setup_logging()
     main()

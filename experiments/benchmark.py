@@ -12,7 +12,7 @@ Iris, the RNN's 10 epochs on the toy, the CNN's 5 epochs on the image data; and 
 memory. With --keras-python the reference scripts run in the same sitting and each ratio is printed.
 """
 
-import argparse
+import dataclasses
 import resource
 import sys
 import time
@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments import augmentation, keras_reference  # noqa: E402
+from experiments import augmentation, flags, keras_reference  # noqa: E402
 from flaxlesson import augment, data, models, results, training  # noqa: E402
 
 
@@ -76,11 +76,43 @@ def bench_steps(model, x: np.ndarray, y: np.ndarray, loss: str, steps: int, repe
     }
 
 
+def bench_lesson_steps(steps: int, repeats: int) -> dict:
+    """`bench_steps` of each lesson model at the lesson's batch size, on random data of the lesson's shapes."""
+    rng = np.random.default_rng(0)
+    images, classes = rng.random((64, 28, 28, 1), np.float32), rng.integers(0, 10, 64).astype(np.int32)
+    sparse = "sparse_categorical_crossentropy"
+    return {
+        "mlp": bench_steps(
+            models.MLP(num_classes=3),
+            rng.normal(size=(10, 4)).astype(np.float32),
+            rng.integers(0, 3, 10).astype(np.int32),
+            sparse,
+            steps,
+            repeats,
+        ),
+        "cnn": bench_steps(models.CNN(), images, classes, sparse, steps, repeats),
+        "cnn_plain": bench_steps(models.CNN(fast=False), images, classes, sparse, steps, repeats),
+        "rnn": bench_steps(
+            models.SimpleRNNClassifier(50, num_classes=1),
+            rng.integers(0, 10, (1, 5)),
+            np.ones(1, np.float32),
+            "binary_crossentropy",
+            steps,
+            repeats,
+        ),
+    }
+
+
 def _timed_fit(model, x, y, loss: str = "sparse_categorical_crossentropy", **fit_args) -> tuple[float, Any]:
-    """Seconds of one whole `fit` from a fresh state (compile included, as Keras's fit is timed), and its History."""
+    """Seconds of one whole `fit` from a fresh state (compile included, as Keras's fit is timed), and its History.
+
+    A fit stopped by Ctrl-C has no time worth keeping: the interruption goes on as KeyboardInterrupt.
+    """
     state = training.create_train_state(model, jax.tree.map(lambda a: a[:1], x), loss=loss)
     start = time.perf_counter()
     _, history = training.fit(state, x, y, verbose=0, **fit_args)
+    if flags.interrupted(history):
+        raise KeyboardInterrupt
     return time.perf_counter() - start, history
 
 
@@ -135,86 +167,80 @@ def keras_figures(python: str, cnn_epochs: int, seeds: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=50, help="steps per timed repeat")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--cnn-epochs", type=int, default=5, help="epochs of the timed CNN fits, ours and Keras's (the lesson's 5)"
-    )
-    parser.add_argument("--seeds", type=int, default=5, help="MLP fits timed (median)")
-    parser.add_argument("--keras-python", help="a Python with TensorFlow/Keras, to run the reference alongside")
-    parser.add_argument("--out", default="runs/benchmark")
-    args = parser.parse_args(argv)
+@dataclasses.dataclass(frozen=True)
+class Config(flags.Config):
+    """What the benchmark times, and how often; the defaults time the lesson's own recipes."""
 
-    rng = np.random.default_rng(0)
-    metrics = {
-        "steps": {
-            "mlp": bench_steps(
-                models.MLP(num_classes=3),
-                rng.normal(size=(10, 4)).astype(np.float32),
-                rng.integers(0, 3, 10).astype(np.int32),
-                "sparse_categorical_crossentropy",
-                args.steps,
-                args.repeats,
-            ),
-            "cnn": bench_steps(
-                models.CNN(),
-                rng.random((64, 28, 28, 1), np.float32),
-                rng.integers(0, 10, 64).astype(np.int32),
-                "sparse_categorical_crossentropy",
-                args.steps,
-                args.repeats,
-            ),
-            "cnn_plain": bench_steps(
-                models.CNN(fast=False),
-                rng.random((64, 28, 28, 1), np.float32),
-                rng.integers(0, 10, 64).astype(np.int32),
-                "sparse_categorical_crossentropy",
-                args.steps,
-                args.repeats,
-            ),
-            "rnn": bench_steps(
-                models.SimpleRNNClassifier(50, num_classes=1),
-                rng.integers(0, 10, (1, 5)),
-                np.ones(1, np.float32),
-                "binary_crossentropy",
-                args.steps,
-                args.repeats,
-            ),
-        }
+    FLAGS = {
+        "steps": flags.Flag("steps per timed repeat", flags.positive_int),
+        "repeats": flags.Flag("timed repeats (the median is kept)", flags.positive_int),
+        "cnn_epochs": flags.Flag("epochs of the timed CNN fits, ours and Keras's (the lesson's 5)", flags.positive_int),
+        "seeds": flags.Flag("MLP fits timed (median)", flags.positive_int),
+        "keras_python": flags.Flag("a Python with TensorFlow/Keras, to run the reference alongside"),
     }
-    for name, figures in metrics["steps"].items():
-        print(f"{name} step: " + ", ".join(f"{k} {v:,.2f}" for k, v in figures.items()), flush=True)
-    images = np.random.default_rng(0).random((256, 28, 28, 1), np.float32)
-    metrics["augmentation"] = {
-        "batch_size": 256,
-        "images_per_second": augmentation.images_per_second(images, augment.LESSON_GENERATOR, repeats=args.repeats),
-    }
-    print(f"augmentation: {metrics['augmentation']['images_per_second']:,.0f} images/s", flush=True)
-    metrics["lesson_fits"] = bench_lesson_fits(args.cnn_epochs, args.seeds)
-    print("lesson fits: " + ", ".join(f"{k} {v}" for k, v in metrics["lesson_fits"].items()), flush=True)
-    metrics["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if args.keras_python:
-        keras = metrics["keras"] = keras_figures(args.keras_python, args.cnn_epochs, args.seeds)
-        ours = {
-            **metrics["lesson_fits"],
-            "augmentation_images_per_second": metrics["augmentation"]["images_per_second"],
-        }
-        # Seconds: Keras's over ours; rates: ours over Keras's. Above 1 means the port is faster.
-        metrics["speedup_over_keras"] = {
-            "mlp_fit": keras["mlp_fit_seconds_median"] / ours["mlp_fit_seconds_median"],
-            "rnn_fit": keras["rnn_fit_seconds"] / ours["rnn_fit_seconds"],
-            "cnn_fit": ours["cnn_fit_samples_per_second"] / keras["cnn_fit_samples_per_second"],
-            "cnn_last_epoch": ours["cnn_last_epoch_samples_per_second"] / keras["cnn_last_epoch_samples_per_second"],
-            "augmentation": ours["augmentation_images_per_second"] / keras["augmentation_images_per_second"],
-        }
-        for name, ratio in metrics["speedup_over_keras"].items():
-            print(f"{name}: {ratio:.2f}x Keras's speed", flush=True)
-    results.write_metrics(args.out, metrics)
-    print(f"-> {args.out}/metrics.json")
+
+    steps: int = 50
+    repeats: int = 5
+    cnn_epochs: int = 5
+    seeds: int = 5
+    keras_python: str | None = None
+    out: str = "runs/benchmark"
+
+    @classmethod
+    def quick(cls) -> "Config":
+        """Tiny settings, to see that it runs (its figures then mean little)."""
+        return cls(steps=2, repeats=1, cnn_epochs=1, seeds=1)
+
+
+def run(config: Config) -> dict:
+    """Time the steps, augmentation and lesson fits (and Keras's, with keras_python); write metrics.json.
+
+    Ctrl-C stops the measuring; metrics.json then holds the figures measured so far and `"interrupted": true`.
+    """
+    metrics = {}
+    try:
+        metrics["steps"] = bench_lesson_steps(config.steps, config.repeats)
+        for name, figures in metrics["steps"].items():
+            print(f"{name} step: " + ", ".join(f"{k} {v:,.2f}" for k, v in figures.items()), flush=True)
+        images = np.random.default_rng(0).random((256, 28, 28, 1), np.float32)
+        rate = augmentation.images_per_second(images, augment.LESSON_GENERATOR, repeats=config.repeats)
+        metrics["augmentation"] = {"batch_size": 256, "images_per_second": rate}
+        print(f"augmentation: {rate:,.0f} images/s", flush=True)
+        metrics["lesson_fits"] = bench_lesson_fits(config.cnn_epochs, config.seeds)
+        print("lesson fits: " + ", ".join(f"{k} {v}" for k, v in metrics["lesson_fits"].items()), flush=True)
+        metrics["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if config.keras_python:
+            metrics.update(compare_with_keras(config, metrics))
+    except KeyboardInterrupt:
+        metrics["interrupted"] = True
+    results.write_metrics(config.out, metrics)
+    print(f"-> {config.out}/metrics.json")
     return metrics
 
 
+def compare_with_keras(config: Config, metrics: dict) -> dict:
+    """The Keras reference's figures (`keras`) and each of ours over Keras's (`speedup_over_keras`), printed."""
+    keras = keras_figures(config.keras_python, config.cnn_epochs, config.seeds)
+    ours = {**metrics["lesson_fits"], "augmentation_images_per_second": metrics["augmentation"]["images_per_second"]}
+    # Seconds: Keras's over ours; rates: ours over Keras's. Above 1 means the port is faster.
+    speedup = {
+        "mlp_fit": keras["mlp_fit_seconds_median"] / ours["mlp_fit_seconds_median"],
+        "rnn_fit": keras["rnn_fit_seconds"] / ours["rnn_fit_seconds"],
+        "cnn_fit": ours["cnn_fit_samples_per_second"] / keras["cnn_fit_samples_per_second"],
+        "cnn_last_epoch": ours["cnn_last_epoch_samples_per_second"] / keras["cnn_last_epoch_samples_per_second"],
+        "augmentation": ours["augmentation_images_per_second"] / keras["augmentation_images_per_second"],
+    }
+    for name, ratio in speedup.items():
+        print(f"{name}: {ratio:.2f}x Keras's speed", flush=True)
+    return {"keras": keras, "speedup_over_keras": speedup}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Flags -> Config -> run."""
+    parser = flags.parser(__doc__, Config())
+    return flags.execute(parser, run, flags.config(parser, Config, parser.parse_args(argv)))
+
+
 if __name__ == "__main__":
+    flags.setup_logging()
     main()

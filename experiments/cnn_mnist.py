@@ -4,46 +4,57 @@ python experiments/cnn_mnist.py --dataset auto --out runs/cnn_mnist
 python experiments/cnn_mnist.py --dataset idx --data-dir /usr/share/datasets/fashion-mnist --out runs/cnn_fmnist
 """
 
-import argparse
+import dataclasses
+import sys
+from pathlib import Path
 
 import numpy as np
 import sklearn.metrics
 
-from flaxlesson import augment, checkpoint, data, models, plots, results, training
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments import flags  # noqa: E402
+from flaxlesson import augment, checkpoint, data, models, plots, results, training  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--dataset",
-        default="auto",
-        choices=data.IMAGE_DATASETS,
-        help="image source; auto takes TFDS mnist if prepared, else Debian's Fashion-MNIST, else digits",
-    )
-    parser.add_argument("--data-dir", default=None, help="folder of IDX files (idx), or TFDS's data dir (mnist, ...)")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--validation-split", type=float, default=0.1)
-    parser.add_argument("--strategy", default="single", help="passed to fit: how the step is placed on devices")
-    parser.add_argument(
-        "--augment",
-        action="store_true",
-        help="augment every training batch on the device with the lesson's ImageDataGenerator",
-    )
-    parser.add_argument(
-        "--limit", type=int, default=None, help="use only the first N training and N test images (quick runs)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seeds the initialisation and the shuffling")
-    parser.add_argument("--checkpoint-dir", help="save the train state here after every epoch")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
-    parser.add_argument("--out", default="runs/cnn_mnist")
-    args = parser.parse_args(argv)
-    if args.resume and not args.checkpoint_dir:
-        parser.error("--resume needs --checkpoint-dir")
+@dataclasses.dataclass(frozen=True)
+class Config(flags.Config):
+    """The section's settings; the defaults are the lesson's."""
+
+    FLAGS = {
+        "augment": flags.Flag("augment every training batch on the device with the lesson's ImageDataGenerator", None),
+    }
+
+    dataset: str = "auto"
+    data_dir: str | None = None
+    epochs: int = 5
+    batch_size: int = 64
+    validation_split: float = 0.1
+    strategy: str = "single"
+    augment: bool = False
+    limit: int | None = None
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    out: str = "runs/cnn_mnist"
+
+    @classmethod
+    def quick(cls) -> "Config":
+        """Tiny settings: one epoch on the first 2,000 images."""
+        return cls(epochs=1, limit=2000)
+
+
+def load(config: Config) -> data.ImageData:
+    """The images the config names; a source that is not there is a ConfigError of --dataset."""
     try:
-        images = data.load_images(args.dataset, args.data_dir).head(args.limit)
+        return data.load_images(config.dataset, config.data_dir).head(config.limit)
     except (ValueError, data.DatasetUnavailableError) as e:
-        parser.error(str(e))
+        raise flags.ConfigError("dataset", str(e)) from None
+
+
+def run(config: Config) -> dict:
+    """Fit the CNN (resuming from a checkpoint if asked), score it on the test images; write metrics and figures."""
+    images = load(config)
     print(
         f"{images.name}: {len(images.x_train):,} train and {len(images.x_test):,} test images of "
         f"{images.x_train.shape[1:]} ({images.source})",
@@ -51,28 +62,28 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     model = models.CNN(num_classes=images.num_classes)
-    state = training.create_train_state(model, images.x_train[:1], seed=args.seed)
+    state = training.create_train_state(model, images.x_train[:1], seed=config.seed)
     try:
         state, initial_epoch, callbacks = checkpoint.resume_or_start(
-            args.checkpoint_dir, state, resume=args.resume, strategy=args.strategy
+            config.checkpoint_dir, state, resume=config.resume, strategy=config.strategy
         )
     except checkpoint.CheckpointError as e:
-        parser.error(f"--checkpoint-dir: {e}")
+        raise flags.ConfigError("checkpoint_dir", str(e)) from None
     state, history = training.fit(
         state,
         images.x_train,
         images.y_train,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        validation_split=args.validation_split,
-        seed=args.seed,
-        strategy=args.strategy,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        validation_split=config.validation_split,
+        seed=config.seed,
+        strategy=config.strategy,
         initial_epoch=initial_epoch,
         callbacks=callbacks,
-        augment=augment.LESSON_GENERATOR if args.augment else None,
+        augment=augment.LESSON_GENERATOR if config.augment else None,
     )
-    test = training.evaluate(state, images.x_test, images.y_test, strategy=args.strategy)
-    y_pred = training.predict(state, images.x_test, strategy=args.strategy).argmax(axis=1)
+    test = training.evaluate(state, images.x_test, images.y_test, strategy=config.strategy)
+    y_pred = training.predict(state, images.x_test, strategy=config.strategy).argmax(axis=1)
     matrix = sklearn.metrics.confusion_matrix(images.y_test, y_pred, labels=np.arange(images.num_classes))
 
     metrics = {
@@ -84,26 +95,36 @@ def main(argv: list[str] | None = None) -> dict:
         "class_names": images.class_names,
         "train_test_sizes": [len(images.x_train), len(images.x_test)],
         "confusion_matrix": matrix,
-        "settings": vars(args),
+        "settings": dataclasses.asdict(config),
+        **flags.interrupted(history),
     }
-    results.write_metrics(args.out, metrics)
+    results.write_metrics(config.out, metrics)
     title = f"CNN on {images.name}"
-    plots.history_curves(history, f"{args.out}/curves.png", title=title)
+    if history.epoch:
+        plots.history_curves(history, f"{config.out}/curves.png", title=title)
     plots.prediction_grid(
         images.x_test[:25],
         images.y_test[:25],
         y_pred[:25],
         images.class_names,
-        f"{args.out}/predictions.png",
+        f"{config.out}/predictions.png",
         title=f"{title}: first 25 test images",
     )
-    plots.confusion_matrix(matrix, images.class_names, f"{args.out}/confusion_matrix.png", title=f"{title}: test set")
-    print(
-        f"Test Accuracy: {test['accuracy']:.4f} ({images.name}); "
-        f"{metrics['train_samples_per_second']:,.0f} train samples/s -> {args.out}/metrics.json"
+    plots.confusion_matrix(matrix, images.class_names, f"{config.out}/confusion_matrix.png", title=f"{title}: test set")
+    speed = metrics["train_samples_per_second"]
+    trained = (
+        f"{speed:,.0f} train samples/s" if speed is not None else f"nothing left to train after epoch {initial_epoch}"
     )
+    print(f"Test Accuracy: {test['accuracy']:.4f} ({images.name}); {trained} -> {config.out}/metrics.json")
     return metrics
 
 
+def main(argv: list[str] | None = None) -> dict:
+    """Flags -> Config -> run."""
+    parser = flags.parser(__doc__, Config())
+    return flags.execute(parser, run, flags.config(parser, Config, parser.parse_args(argv)))
+
+
 if __name__ == "__main__":
+    flags.setup_logging()
     main()

@@ -11,7 +11,7 @@ device of one process or of several, and is compared with a single-device run of
     # several hosts: on each, --coordinator HOST0:PORT --processes N --process-id I (or JAX_* variables)
 """
 
-import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,7 +22,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments import flags  # noqa: E402
 from flaxlesson import checkpoint, models, parallel, plots, results, training  # noqa: E402
+
+# Left out of metrics.json's settings: where this process sat in the run, not how the run was set.
+PLACEMENT = ("coordinator", "process_id")
 
 
 def make_data(samples: int, features: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,61 +40,64 @@ def lesson_model(classes: int = 10) -> models.MLP:
     return models.MLP(hidden=(64, 64), num_classes=classes)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--strategy", default="sharded", choices=sorted(parallel.STRATEGIES))
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32, help="the global batch, over all devices")
-    parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--features", type=int, default=784)
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cpu-devices", type=int, help="virtual CPU devices per process (for trying on a CPU)")
-    # String defaults from the environment go through `type`, so a bad value is a flag error like any other.
-    parser.add_argument(
-        "--processes",
-        type=int,
-        default=os.environ.get(parallel.ENV_NUM_PROCESSES) or 1,
-        help="processes in the run; without --process-id, start them all here on 127.0.0.1",
-    )
-    parser.add_argument("--process-id", type=int, default=os.environ.get(parallel.ENV_PROCESS_ID) or None)
-    parser.add_argument(
-        "--coordinator",
-        default=os.environ.get(parallel.ENV_COORDINATOR),
-        help="HOST:PORT of process 0 when the processes run on several hosts",
-    )
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds the local processes may take")
-    parser.add_argument("--checkpoint-dir", help="save the train state here after every epoch")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --checkpoint-dir")
-    parser.add_argument("--out", default="runs/distributed")
-    return parser
+@dataclasses.dataclass(frozen=True)
+class Config(flags.Config):
+    """The section's settings; the defaults are the lesson's (5 epochs, batch 32, 1000 x 784 inputs, 10 classes)."""
+
+    FLAGS = {
+        "batch_size": flags.Flag("the global batch, over all devices", flags.positive_int),
+        "samples": flags.Flag("samples of dummy data", flags.positive_int),
+        "features": flags.Flag("features per sample", flags.positive_int),
+        "classes": flags.Flag("classes of the labels and outputs", flags.positive_int),
+        "cpu_devices": flags.Flag("virtual CPU devices per process (for trying on a CPU)", flags.positive_int),
+        "processes": flags.Flag(
+            "processes in the run; without --process-id, start them all here on 127.0.0.1", flags.positive_int
+        ),
+        "process_id": flags.Flag("this process's rank in the run", flags.non_negative_int),
+        "coordinator": flags.Flag("HOST:PORT of process 0 when the processes run on several hosts"),
+        "timeout": flags.Flag("seconds the local processes may take", flags.positive_float),
+    }
+
+    strategy: str = "sharded"
+    epochs: int = 5
+    batch_size: int = 32
+    samples: int = 1000
+    features: int = 784
+    classes: int = 10
+    seed: int = 0
+    cpu_devices: int | None = None
+    processes: int = 1
+    process_id: int | None = None
+    coordinator: str | None = None
+    timeout: float = 600.0
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    out: str = "runs/distributed"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.process_id is not None and not self.process_id < self.processes:
+            raise flags.ConfigError(
+                "process_id",
+                f"must be in [0, {self.processes}) for --processes {self.processes}, got {self.process_id}",
+            )
+
+    @classmethod
+    def quick(cls) -> "Config":
+        """Tiny settings: one epoch."""
+        return cls(epochs=1)
 
 
-def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "samples", "features", "classes", "processes", "cpu_devices"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.process_id is not None and not 0 <= args.process_id < args.processes:
-        parser.error(
-            f"--process-id must be in [0, {args.processes}) for --processes {args.processes}, got {args.process_id}"
-        )
-    if not args.timeout > 0:
-        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    if args.resume and not args.checkpoint_dir:
-        parser.error("--resume needs --checkpoint-dir")
-
-
-def _launch(args: argparse.Namespace, argv: list[str]) -> dict:
+def _launch(config: Config) -> dict:
     """Start every process of the run on this machine (127.0.0.1) and return what process 0 wrote."""
     outputs = parallel.launch_local(
-        [str(Path(__file__).resolve()), *argv],
-        args.processes,
-        devices_per_process=args.cpu_devices or 1,
-        timeout=args.timeout,
+        [str(Path(__file__).resolve()), *flags.to_argv(config)],
+        config.processes,
+        devices_per_process=config.cpu_devices or 1,
+        timeout=config.timeout,
     )
     print(outputs[0], end="", flush=True)
-    return json.loads((Path(args.out) / "metrics.json").read_text())
+    return json.loads((Path(config.out) / "metrics.json").read_text())
 
 
 def _step_seconds(history: training.History, samples: int, batch_size: int) -> float | None:
@@ -99,20 +106,20 @@ def _step_seconds(history: training.History, samples: int, batch_size: int) -> f
     return float(np.median([samples / sps / steps for sps in history.samples_per_second])) if history.epoch else None
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(config: Config) -> dict:
     """Fit under the chosen strategy, then (process 0 alone) on one device from the same start; returns the record.
 
     Every process trains; process 0 also runs the single-device reference and writes metrics.json and the curves.
     """
-    x, y = make_data(args.samples, args.features, args.classes, args.seed)
-    model = lesson_model(args.classes)
-    state = training.create_train_state(model, x[:1], seed=args.seed)
-    strategy = parallel.get_strategy(args.strategy)
+    x, y = make_data(config.samples, config.features, config.classes, config.seed)
+    model = lesson_model(config.classes)
+    state = training.create_train_state(model, x[:1], seed=config.seed)
+    strategy = parallel.get_strategy(config.strategy)
     lead = jax.process_index() == 0
     state, initial_epoch, callbacks = checkpoint.resume_or_start(
-        args.checkpoint_dir, state, resume=args.resume, strategy=strategy
+        config.checkpoint_dir, state, resume=config.resume, strategy=strategy
     )
-    same = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed}
+    same = {"epochs": config.epochs, "batch_size": config.batch_size, "seed": config.seed}
     state, history = training.fit(
         state,
         x,
@@ -124,71 +131,90 @@ def train(args: argparse.Namespace) -> dict:
         **same,
     )
     params = jax.device_get(state.params)
+    stopped = flags.interrupted(history)
     if not lead:
-        return {}
+        return stopped
 
-    reference, single = training.fit(
-        training.create_train_state(model, x[:1], seed=args.seed), x, y, strategy="single", verbose=0, **same
-    )
-    diff = max(
-        float(np.max(np.abs(a - b)))
-        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(reference.params)), strict=True)
-    )
+    # An interrupted fit stops mid-epoch, where no single-device run of whole epochs can be compared with it.
+    single, diff = training.History(), None
+    if not stopped:
+        reference, single = training.fit(
+            training.create_train_state(model, x[:1], seed=config.seed), x, y, strategy="single", verbose=0, **same
+        )
+        diff = max(
+            float(np.max(np.abs(a - b)))
+            for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(reference.params)), strict=True)
+        )
     metrics = {
-        "strategy": args.strategy,
+        "strategy": config.strategy,
         "num_devices": strategy.num_replicas,
         "num_processes": jax.process_count(),
         "device_kind": jax.devices()[0].device_kind,
         "initial_epoch": initial_epoch,
-        "step_seconds": _step_seconds(history, args.samples, args.batch_size),
-        "single_device_step_seconds": _step_seconds(single, args.samples, args.batch_size),
+        "step_seconds": _step_seconds(history, config.samples, config.batch_size),
+        "single_device_step_seconds": _step_seconds(single, config.samples, config.batch_size),
         "max_abs_param_diff": diff,
         **history.summary(),
-        "settings": {k: v for k, v in vars(args).items() if k not in ("coordinator", "process_id")},
+        "settings": {k: v for k, v in dataclasses.asdict(config).items() if k not in PLACEMENT},
+        **stopped,
     }
-    results.write_metrics(args.out, metrics)
+    results.write_metrics(config.out, metrics)
     if history.epoch:
         plots.history_curves(
             history,
-            f"{args.out}/curves.png",
-            title=f"Dense net, {args.strategy} over {strategy.num_replicas} device(s)",
+            f"{config.out}/curves.png",
+            title=f"Dense net, {config.strategy} over {strategy.num_replicas} device(s)",
         )
-    timing = (
-        f"step {metrics['step_seconds'] * 1e3:.2f} ms (one device {metrics['single_device_step_seconds'] * 1e3:.2f} ms)"
-        if history.epoch
-        else f"nothing left to train after epoch {initial_epoch}"
-    )
+    if stopped:
+        timing = f"interrupted after {len(history.epoch)} whole epoch(s), not compared with one device"
+    elif history.epoch:
+        timing = (
+            f"step {metrics['step_seconds'] * 1e3:.2f} ms (one device "
+            f"{metrics['single_device_step_seconds'] * 1e3:.2f} ms), max |params - one-device params| = {diff:.2e}"
+        )
+    else:
+        timing = f"nothing left to train after epoch {initial_epoch}, max |params - one-device params| = {diff:.2e}"
     print(
-        f"{args.strategy}: {metrics['num_devices']} device(s) in {metrics['num_processes']} process(es), {timing}, "
-        f"max |params - one-device params| = {diff:.2e} -> {args.out}/metrics.json",
+        f"{config.strategy}: {metrics['num_devices']} device(s) in {metrics['num_processes']} process(es), {timing} "
+        f"-> {config.out}/metrics.json",
         flush=True,
     )
     return metrics
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Parse flags, then start the local processes, or join the run as one process and train."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = _parser()
-    args = parser.parse_args(argv)
-    _check(parser, args)
-    if args.processes > 1 and args.process_id is None and not args.coordinator:
-        return _launch(args, argv)
-    if args.cpu_devices:
+def run(config: Config) -> dict:
+    """Start the local processes, or join the run as one process and train; what process 0 writes to metrics.json."""
+    if config.processes > 1 and config.process_id is None and not config.coordinator:
+        return _launch(config)
+    if config.cpu_devices:
         try:
-            jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+            jax.config.update("jax_num_cpu_devices", config.cpu_devices)
         except RuntimeError:
-            if jax.local_device_count() != args.cpu_devices:
-                parser.error(
-                    f"--cpu-devices {args.cpu_devices}: JAX already runs in this process with "
-                    f"{jax.local_device_count()} devices; pass it to a fresh process"
-                )
-    parallel.initialize(args.coordinator, args.processes, args.process_id)
+            if jax.local_device_count() != config.cpu_devices:
+                raise flags.ConfigError(
+                    "cpu_devices",
+                    f"JAX already runs in this process with {jax.local_device_count()} devices; "
+                    "pass it to a fresh process",
+                ) from None
+    parallel.initialize(config.coordinator, config.processes, config.process_id)
     try:
-        return train(args)
+        return train(config)
     except checkpoint.CheckpointError as error:
-        parser.error(f"--checkpoint-dir: {error}")
+        raise flags.ConfigError("checkpoint_dir", str(error)) from None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Flags (the run's placement defaulting to the JAX_* variables) -> Config -> run."""
+    parser = flags.parser(__doc__, Config())
+    # String defaults go through `type` as typed values do, so a bad variable is a flag error like any other.
+    parser.set_defaults(
+        processes=os.environ.get(parallel.ENV_NUM_PROCESSES) or 1,
+        process_id=os.environ.get(parallel.ENV_PROCESS_ID) or None,
+        coordinator=os.environ.get(parallel.ENV_COORDINATOR),
+    )
+    return flags.execute(parser, run, flags.config(parser, Config, parser.parse_args(argv)))
 
 
 if __name__ == "__main__":
+    flags.setup_logging()
     main()

@@ -9,7 +9,6 @@ Each section runs as its own process (a crash in one cannot take the others down
 The exit status is non-zero when any section failed.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -17,22 +16,30 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiments import keras_reference  # noqa: E402
+from experiments import (  # noqa: E402
+    augmentation,
+    cnn_mnist,
+    distributed,
+    flags,
+    keras_reference,
+    mlp_iris,
+    rnn_sequences,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Section:
-    """One lesson section: the script that ports it, and what the report says about it."""
+    """One lesson section: the configs of the script that ports it (full and quick), and what the report says."""
 
     key: str
     title: str
-    script: str
-    args: tuple[str, ...]
-    quick: tuple[str, ...]
+    full: Any
+    quick: Any
     keras: str
     jax: str
     figures: tuple[str, ...]
@@ -44,9 +51,8 @@ SECTIONS = (
     Section(
         key="mlp_iris",
         title="1.1 A dense network on Iris",
-        script="mlp_iris.py",
-        args=("--seeds", "5"),
-        quick=("--seeds", "1", "--epochs", "3"),
+        full=mlp_iris.Config(seeds=5),
+        quick=mlp_iris.Config.quick(),
         keras="model = Sequential([Dense(10, activation='relu'), Dense(10, activation='relu'),\n"
         "                    Dense(3, activation='softmax')])\n"
         "model.compile(optimizer='adam', loss='sparse_categorical_crossentropy', metrics=['accuracy'])\n"
@@ -67,9 +73,8 @@ SECTIONS = (
     Section(
         key="cnn_mnist",
         title="2.1 A convolutional network on MNIST-style images",
-        script="cnn_mnist.py",
-        args=(),
-        quick=("--epochs", "1", "--limit", "2000"),
+        full=cnn_mnist.Config(),
+        quick=cnn_mnist.Config.quick(),
         keras="model = Sequential([Conv2D(32, (3, 3), activation='relu'), MaxPooling2D((2, 2)),\n"
         "                    Conv2D(64, (3, 3), activation='relu'), MaxPooling2D((2, 2)),\n"
         "                    Flatten(), Dense(128, activation='relu'), Dense(10, activation='softmax')])\n"
@@ -86,9 +91,8 @@ SECTIONS = (
     Section(
         key="rnn_lesson",
         title="2.2 A SimpleRNN on padded sequences (the lesson's toy)",
-        script="rnn_sequences.py",
-        args=("--task", "lesson"),
-        quick=("--task", "lesson"),
+        full=rnn_sequences.LessonConfig(),
+        quick=rnn_sequences.LessonConfig.quick(),
         keras="X = pad_sequences(X, padding='post', maxlen=5)\n"
         "model = Sequential([SimpleRNN(50, activation='relu'), Dense(1, activation='sigmoid')])\n"
         "model.compile(optimizer='adam', loss='binary_crossentropy', metrics=['accuracy'])\n"
@@ -103,9 +107,8 @@ SECTIONS = (
     Section(
         key="rnn_rows",
         title="2.2 (further) Images read row by row: a real sequence task, and masking",
-        script="rnn_sequences.py",
-        args=("--task", "rows"),
-        quick=("--task", "rows", "--epochs", "1", "--masking-epochs", "1", "--limit", "2000"),
+        full=rnn_sequences.RowsConfig(),
+        quick=rnn_sequences.RowsConfig.quick(),
         keras="SimpleRNN(128, activation='relu') over 28 steps of 28 pixels; Keras's Masking layer skips padded steps",
         jax="x = {'x': padded_rows, 'seq_lengths': lengths}   # nn.RNN(nn.SimpleCell(128), ...)(x, seq_lengths)\n"
         "state, history = training.fit(state, x, y, epochs=10, batch_size=32, validation_split=0.1)",
@@ -114,9 +117,8 @@ SECTIONS = (
     Section(
         key="augmentation",
         title="3.1 Data augmentation",
-        script="augmentation.py",
-        args=(),
-        quick=(),
+        full=augmentation.Config(),
+        quick=augmentation.Config.quick(),
         keras="datagen = ImageDataGenerator(rotation_range=20, width_shift_range=0.2, height_shift_range=0.2,\n"
         "                             shear_range=0.2, zoom_range=0.2, horizontal_flip=True,\n"
         "                             fill_mode='nearest')\n"
@@ -131,9 +133,8 @@ SECTIONS = (
     Section(
         key="distributed",
         title="3.2 Distributed training: data parallel over every device",
-        script="distributed.py",
-        args=("--strategy", "sharded"),
-        quick=("--strategy", "sharded", "--epochs", "1"),
+        full=distributed.Config(),
+        quick=distributed.Config.quick(),
         keras="strategy = tf.distribute.MirroredStrategy()\nwith strategy.scope():\n"
         "    model = Sequential([Dense(64, activation='relu'), Dense(64, activation='relu'),\n"
         "                        Dense(10, activation='softmax')])\n"
@@ -154,35 +155,46 @@ SECTIONS = (
 )
 
 
+def script(config: Any) -> str:
+    """The script whose config `config` is, relative to the repository root."""
+    return str(Path(sys.modules[type(config).__module__].__file__).resolve().relative_to(ROOT))
+
+
 def run_section(section: Section, out: Path, quick: bool) -> dict:
-    """Run one section's script into `out/<key>`, echoing and logging its output; its status and seconds."""
+    """Run one section's script in a process of its own into `out/<key>`, echoing and logging its output.
+
+    Returns its status, seconds, command and metrics. Ctrl-C reaches the section's process too: it writes what
+    finished and exits 130, which this waits for.
+    """
     folder = out / section.key
     folder.mkdir(parents=True, exist_ok=True)
-    argv = [
-        sys.executable,
-        f"experiments/{section.script}",
-        *(section.quick if quick else section.args),
-        "--out",
-        str(folder),
-    ]
+    config = dataclasses.replace(section.quick if quick else section.full, out=str(folder))
+    argv = [sys.executable, script(config), *flags.to_argv(config)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
     if not _has_accelerator():
         env.update(section.env)
     print(f"\n=== {section.title}\n$ {' '.join(argv[1:])}", flush=True)
     start = time.perf_counter()
+    tail, interrupted = [], False
     with open(folder / "log.txt", "w") as log:
         process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        tail = []
-        for line in process.stdout:
-            sys.stdout.write(line)
-            log.write(line)
-            tail = (tail + [line.rstrip()])[-15:]
+        while True:
+            try:
+                for line in process.stdout:
+                    sys.stdout.write(line)
+                    log.write(line)
+                    tail = (tail + [line.rstrip()])[-15:]
+                break
+            except KeyboardInterrupt:
+                interrupted = True
         code = process.wait()
     seconds = time.perf_counter() - start
+    interrupted = interrupted or code == flags.INTERRUPTED_EXIT_CODE
     metrics_path = folder / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if code == 0 and metrics_path.exists() else {}
+    metrics = json.loads(metrics_path.read_text()) if (code == 0 or interrupted) and metrics_path.exists() else {}
     return {
         "ok": code == 0,
+        "interrupted": interrupted,
         "seconds": seconds,
         "command": " ".join(argv[1:]),
         "metrics": metrics,
@@ -220,6 +232,13 @@ def _figure_rows(metrics: dict, keys: tuple[str, ...]) -> list[str]:
     return rows
 
 
+def _status(result: dict, emphasis: str = "") -> str:
+    """'ok', or 'FAILED' / 'interrupted' (within `emphasis`, e.g. '**')."""
+    if result["ok"]:
+        return "ok"
+    return f"{emphasis}{'interrupted' if result['interrupted'] else 'FAILED'}{emphasis}"
+
+
 def write_report(out: Path, results: dict[str, dict], keras: keras_reference.KerasRun | None, quick: bool) -> Path:
     """`out/report.md`: per section the Keras call, its JAX/Flax replacement, figures, plots and seconds."""
     lines = [
@@ -233,9 +252,7 @@ def write_report(out: Path, results: dict[str, dict], keras: keras_reference.Ker
     for section in SECTIONS:
         if section.key in results:
             r = results[section.key]
-            lines.append(
-                f"| [{section.title}](#{section.key}) | {'ok' if r['ok'] else '**FAILED**'} | {r['seconds']:.1f} |"
-            )
+            lines.append(f"| [{section.title}](#{section.key}) | {_status(r, '**')} | {r['seconds']:.1f} |")
     for section in SECTIONS:
         if section.key not in results:
             continue
@@ -245,7 +262,7 @@ def write_report(out: Path, results: dict[str, dict], keras: keras_reference.Ker
             f'<a id="{section.key}"></a>',
             f"## {section.title}",
             "",
-            f"`{r['command']}` ({r['seconds']:.1f} s, {'ok' if r['ok'] else 'FAILED'})",
+            f"`{r['command']}` ({r['seconds']:.1f} s, {_status(r)})",
             "",
             "Keras:",
             "```python",
@@ -279,32 +296,59 @@ def write_report(out: Path, results: dict[str, dict], keras: keras_reference.Ker
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/lesson")
-    parser.add_argument("--quick", action="store_true", help="tiny settings: every section in about a minute")
-    parser.add_argument("--keras-python", help="a Python with TensorFlow, to run the lesson's Keras code too")
-    parser.add_argument("--only", nargs="+", choices=[s.key for s in SECTIONS], help="run just these sections")
-    args = parser.parse_args(argv)
-    out = Path(args.out).resolve()
+@dataclasses.dataclass(frozen=True)
+class Config(flags.Config):
+    """Which sections to run, on which settings, and whether beside the lesson's Keras code."""
+
+    FLAGS = {
+        "quick": flags.Flag("tiny settings: every section in about a minute", None),
+        "keras_python": flags.Flag("a Python with TensorFlow, to run the lesson's Keras code too"),
+        "only": flags.Flag("run just these sections", choices=tuple(s.key for s in SECTIONS), nargs="+"),
+        "out": flags.Flag("folder for report.md and a folder per section"),
+    }
+
+    out: str = "runs/lesson"
+    quick: bool = False
+    keras_python: str | None = None
+    only: tuple[str, ...] | None = None
+
+
+def run(config: Config) -> dict:
+    """Run the sections one after another, rewriting `out/report.md` after each; their results by key.
+
+    Stops after a section that Ctrl-C interrupted (`"interrupted": true` then), keeping the report of what ran.
+    """
+    out = Path(config.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results, keras = {}, None
     for section in SECTIONS:
-        if args.only and section.key not in args.only:
+        if config.only and section.key not in config.only:
             continue
-        results[section.key] = run_section(section, out, args.quick)
-        write_report(out, results, keras, args.quick)
-    if args.keras_python:
-        keras = keras_reference.run(args.keras_python, cnn_epochs=1 if args.quick else 5, seeds=1 if args.quick else 5)
-        write_report(out, results, keras, args.quick)
+        results[section.key] = run_section(section, out, config.quick)
+        write_report(out, results, keras, config.quick)
+        if results[section.key]["interrupted"]:
+            return {"sections": results, "interrupted": True}
+    if config.keras_python:
+        keras = keras_reference.run(
+            config.keras_python, cnn_epochs=1 if config.quick else 5, seeds=1 if config.quick else 5
+        )
+        write_report(out, results, keras, config.quick)
     failed = [key for key, r in results.items() if not r["ok"]]
     print(
         f"\nreport: {out / 'report.md'} ({time.perf_counter() - start:.0f} s; "
         f"{len(results) - len(failed)} sections ok" + (f", FAILED: {', '.join(failed)})" if failed else ")")
     )
-    return 1 if failed else 0
+    return {"sections": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Flags -> Config -> run; the exit status is 1 when a section failed (130 when interrupted)."""
+    parser = flags.parser(__doc__, Config())
+    results = flags.execute(parser, run, flags.config(parser, Config, parser.parse_args(argv)))
+    return 1 if any(not r["ok"] for r in results["sections"].values()) else 0
 
 
 if __name__ == "__main__":
+    flags.setup_logging()
     sys.exit(main())

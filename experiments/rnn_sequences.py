@@ -13,38 +13,99 @@ real row); both are scored on the cut test images padded as in training and padd
 """
 
 import argparse
+import dataclasses
+import sys
+from pathlib import Path
 
 import flax.linen as nn
 import numpy as np
 
-from flaxlesson import data, models, plots, results, training
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-DEFAULTS = {
-    "lesson": {"epochs": 10, "batch_size": 1, "validation_split": 0.0},
-    "rows": {"epochs": 10, "batch_size": 32, "validation_split": 0.1},
-}
+from experiments import flags  # noqa: E402
+from flaxlesson import data, models, plots, results, training  # noqa: E402
+
 ACTIVATIONS = {"relu": nn.relu, "tanh": nn.tanh}
+
+
+@dataclasses.dataclass(frozen=True)
+class LessonConfig(flags.Config):
+    """`--task lesson`: the lesson's toy, with its settings as defaults. Holds every flag, as metrics.json shows."""
+
+    FLAGS = {
+        "task": flags.Flag("which sequence task", choices=("lesson", "rows")),
+        "dataset": dataclasses.replace(flags.SHARED["dataset"], help="rows: " + flags.SHARED["dataset"].help),
+        "data_dir": dataclasses.replace(flags.SHARED["data_dir"], help="rows: " + flags.SHARED["data_dir"].help),
+        "units": flags.Flag("SimpleRNN units", flags.positive_int),
+        "activation": flags.Flag("SimpleRNN activation", choices=tuple(sorted(ACTIVATIONS))),
+        "epochs": flags.Flag("epochs to train, at most 10 (the lesson's count)", flags.int_in(1, 10)),
+        "masking_epochs": flags.Flag(
+            "rows: epochs of each cut-image run, with and without seq_lengths (0 skips them)", flags.int_in(0, 10)
+        ),
+        "min_rows": flags.Flag("rows: cut images keep MIN_ROWS..28 rows, uniformly", flags.positive_int),
+        "extra_padding": flags.Flag("rows: empty rows added to score padding", flags.non_negative_int),
+        "seed": flags.Flag("seeds the initialisation, shuffling and cuts", flags.non_negative_int),
+    }
+
+    task: str = dataclasses.field(default="lesson", init=False)
+    dataset: str = "auto"
+    data_dir: str | None = None
+    units: int = 50
+    activation: str = "relu"
+    epochs: int = 10
+    batch_size: int = 1
+    validation_split: float = 0.0
+    masking_epochs: int = 5
+    min_rows: int = 7
+    extra_padding: int = 28
+    limit: int | None = None
+    seed: int = 0
+    out: str = "runs/rnn_lesson"
+
+    @classmethod
+    def quick(cls) -> "LessonConfig":
+        """The toy is tiny already: the lesson's settings."""
+        return cls()
+
+
+@dataclasses.dataclass(frozen=True)
+class RowsConfig(LessonConfig):
+    """`--task rows`: images read row by row, then masking on cut images; the rows task's defaults."""
+
+    task: str = dataclasses.field(default="rows", init=False)
+    units: int = 128
+    batch_size: int = 32
+    validation_split: float = 0.1
+    out: str = "runs/rnn_rows"
+
+    @classmethod
+    def quick(cls) -> "RowsConfig":
+        """Tiny settings: one epoch of each fit on the first 2,000 images."""
+        return cls(epochs=1, masking_epochs=1, limit=2000)
+
+
+CONFIGS = {"lesson": LessonConfig, "rows": RowsConfig}
 
 
 Curves = dict[str, tuple[training.History, str]]
 
 
-def lesson(args: argparse.Namespace) -> tuple[dict, Curves]:
+def lesson(config: LessonConfig) -> tuple[dict, Curves]:
     """The lesson's toy: pad, fit, predict, print as the Keras code does."""
     x = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
     y = np.array([1, 0, 1])
     x = data.pad_sequences(x, padding="post", maxlen=5)
     print(f"Padded X:\n{x}", flush=True)
-    model = models.SimpleRNNClassifier(units=args.units, num_classes=1, activation=ACTIVATIONS[args.activation])
-    state = training.create_train_state(model, x[:1], seed=args.seed, loss="binary_crossentropy")
+    model = models.SimpleRNNClassifier(units=config.units, num_classes=1, activation=ACTIVATIONS[config.activation])
+    state = training.create_train_state(model, x[:1], seed=config.seed, loss="binary_crossentropy")
     state, history = training.fit(
         state,
         x,
         y,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        validation_split=args.validation_split,
-        seed=args.seed,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        validation_split=config.validation_split,
+        seed=config.seed,
         verbose=2,
     )
     y_pred = training.predict(state, x)
@@ -53,7 +114,7 @@ def lesson(args: argparse.Namespace) -> tuple[dict, Curves]:
         "padded_x": x,
         "y": y,
         "predictions": y_pred,
-        "train_accuracy": history.history["accuracy"][-1],
+        "train_accuracy": history.history.get("accuracy", [None])[-1],
         **history.summary(),
     }
     return metrics, {"curves.png": (history, "SimpleRNN on the lesson's toy")}
@@ -77,43 +138,43 @@ def _inputs(x: np.ndarray, lengths: np.ndarray, masked: bool) -> np.ndarray | di
 
 
 def _masking(
-    args: argparse.Namespace, rows: dict[str, np.ndarray], labels: dict[str, np.ndarray], num_classes: int
+    config: LessonConfig, rows: dict[str, np.ndarray], labels: dict[str, np.ndarray], num_classes: int
 ) -> tuple[dict, dict[str, training.History]]:
     """Train on randomly cut, 'post'-padded images with and without seq_lengths; score both at two paddings."""
     steps = rows["train"].shape[1]
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(config.seed)
     lengths = {
-        split: rng.integers(args.min_rows, steps + 1, size=len(rows[split])).astype(np.int32)
+        split: rng.integers(config.min_rows, steps + 1, size=len(rows[split])).astype(np.int32)
         for split in ("train", "test")
     }
     train = cut_rows(rows["train"], lengths["train"], steps)
     tests = {
         steps: cut_rows(rows["test"], lengths["test"], steps),
-        steps + args.extra_padding: cut_rows(rows["test"], lengths["test"], steps + args.extra_padding),
+        steps + config.extra_padding: cut_rows(rows["test"], lengths["test"], steps + config.extra_padding),
     }
     out, histories = (
         {
-            "min_rows": args.min_rows,
-            "extra_padding": args.extra_padding,
+            "min_rows": config.min_rows,
+            "extra_padding": config.extra_padding,
             "mean_test_rows": float(lengths["test"].mean()),
         },
         {},
     )
     for name, masked in (("without_seq_lengths", False), ("with_seq_lengths", True)):
         model = models.SimpleRNNClassifier(
-            units=args.units, num_classes=num_classes, activation=ACTIVATIONS[args.activation]
+            units=config.units, num_classes=num_classes, activation=ACTIVATIONS[config.activation]
         )
         sample = _inputs(train[:1], lengths["train"][:1], masked)
-        state = training.create_train_state(model, sample, seed=args.seed)
+        state = training.create_train_state(model, sample, seed=config.seed)
         print(f"cut images, {name}:", flush=True)
         state, histories[name] = training.fit(
             state,
             _inputs(train, lengths["train"], masked),
             labels["train"],
-            epochs=args.masking_epochs,
-            batch_size=args.batch_size,
-            validation_split=args.validation_split,
-            seed=args.seed,
+            epochs=config.masking_epochs,
+            batch_size=config.batch_size,
+            validation_split=config.validation_split,
+            seed=config.seed,
             verbose=2,
         )
         scores, probabilities = {}, []
@@ -126,19 +187,21 @@ def _masking(
         scores["max_probability_change_from_extra_padding"] = float(np.abs(probabilities[1] - probabilities[0]).max())
         out[name] = {**scores, **histories[name].summary()}
         print(f"  {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
+        if flags.interrupted(histories[name]):
+            break
     return out, histories
 
 
-def rows_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[dict, Curves]:
+def rows_task(config: LessonConfig) -> tuple[dict, Curves]:
     """Classify images read row by row, then show masking on cut images of random height."""
     try:
-        images = data.load_images(args.dataset, args.data_dir).head(args.limit)
+        images = data.load_images(config.dataset, config.data_dir).head(config.limit)
     except (ValueError, data.DatasetUnavailableError) as e:
-        parser.error(str(e))
+        raise flags.ConfigError("dataset", str(e)) from None
     rows = {"train": image_rows(images.x_train), "test": image_rows(images.x_test)}
     labels = {"train": images.y_train, "test": images.y_test}
-    if not 1 <= args.min_rows <= rows["train"].shape[1]:
-        parser.error(f"--min-rows must lie in [1, {rows['train'].shape[1]}], got {args.min_rows}")
+    if not 1 <= config.min_rows <= rows["train"].shape[1]:
+        raise flags.ConfigError("min_rows", f"must lie in [1, {rows['train'].shape[1]}], got {config.min_rows}")
     print(
         f"{images.name}: {len(rows['train']):,} train and {len(rows['test']):,} test images as sequences of "
         f"{rows['train'].shape[1]} steps x {rows['train'].shape[2]} features ({images.source})",
@@ -146,17 +209,17 @@ def rows_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
     )
 
     model = models.SimpleRNNClassifier(
-        units=args.units, num_classes=images.num_classes, activation=ACTIVATIONS[args.activation]
+        units=config.units, num_classes=images.num_classes, activation=ACTIVATIONS[config.activation]
     )
-    state = training.create_train_state(model, rows["train"][:1], seed=args.seed)
+    state = training.create_train_state(model, rows["train"][:1], seed=config.seed)
     state, history = training.fit(
         state,
         rows["train"],
         labels["train"],
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        validation_split=args.validation_split,
-        seed=args.seed,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        validation_split=config.validation_split,
+        seed=config.seed,
         verbose=2,
     )
     test = training.evaluate(state, rows["test"], labels["test"], batch_size=256)
@@ -171,8 +234,8 @@ def rows_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
         "train_test_sizes": [len(rows["train"]), len(rows["test"])],
     }
     curves = {"curves.png": (history, f"SimpleRNN on {images.name}, row by row")}
-    if args.masking_epochs:
-        metrics["masking"], cut_histories = _masking(args, rows, labels, images.num_classes)
+    if config.masking_epochs and not flags.interrupted(history):
+        metrics["masking"], cut_histories = _masking(config, rows, labels, images.num_classes)
         for name, cut_history in cut_histories.items():
             curves[f"curves_cut_{name}.png"] = (
                 cut_history,
@@ -181,54 +244,29 @@ def rows_task(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tupl
     return metrics, curves
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=("lesson", "rows"), default="lesson")
-    parser.add_argument(
-        "--dataset",
-        default="auto",
-        choices=data.IMAGE_DATASETS,
-        help="rows: image source; auto takes TFDS mnist if prepared, else Debian's Fashion-MNIST, else digits",
-    )
-    parser.add_argument("--data-dir", default=None, help="rows: folder of IDX files (idx), or TFDS's data dir")
-    parser.add_argument("--units", type=int, default=None, help="SimpleRNN units (lesson 50, rows 128)")
-    parser.add_argument("--activation", choices=sorted(ACTIVATIONS), default="relu")
-    parser.add_argument("--epochs", type=int, default=None, help="at most 10 (the lesson's count)")
-    parser.add_argument("--batch-size", type=int, default=None, help="lesson 1, rows 32 (Keras's default)")
-    parser.add_argument("--validation-split", type=float, default=None, help="lesson 0, rows 0.1")
-    parser.add_argument(
-        "--masking-epochs",
-        type=int,
-        default=5,
-        help="rows: epochs of each cut-image run, with and without seq_lengths (0 skips them)",
-    )
-    parser.add_argument("--min-rows", type=int, default=7, help="rows: cut images keep 7..28 rows, uniformly")
-    parser.add_argument("--extra-padding", type=int, default=28, help="rows: empty rows added to score padding")
-    parser.add_argument(
-        "--limit", type=int, default=None, help="use only the first N training and N test images (quick runs)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seeds the initialisation, shuffling and cuts")
-    parser.add_argument("--out", default=None, help="default runs/rnn_<task>")
-    args = parser.parse_args(argv)
-    for key, value in DEFAULTS[args.task].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    if args.units is None:
-        args.units = 50 if args.task == "lesson" else 128
-    args.out = args.out or f"runs/rnn_{args.task}"
-    if not 1 <= args.epochs <= 10 or not 0 <= args.masking_epochs <= 10:
-        parser.error("--epochs must lie in [1, 10] and --masking-epochs in [0, 10]")
-    if args.units < 1 or args.batch_size < 1 or args.extra_padding < 0:
-        parser.error("--units and --batch-size must be positive, --extra-padding not negative")
-
-    metrics, curves = lesson(args) if args.task == "lesson" else rows_task(args, parser)
-    metrics["settings"] = vars(args)
-    results.write_metrics(args.out, metrics)
+def run(config: LessonConfig) -> dict:
+    """Run the config's task; write metrics.json and the curves of every fit into config.out."""
+    metrics, curves = lesson(config) if config.task == "lesson" else rows_task(config)
+    metrics["settings"] = dataclasses.asdict(config)
+    metrics.update(flags.interrupted(*(history for history, _ in curves.values())))
+    results.write_metrics(config.out, metrics)
     for filename, (history, title) in curves.items():
-        plots.history_curves(history, f"{args.out}/{filename}", title=title)
-    print(f"-> {args.out}/metrics.json", flush=True)
+        plots.history_curves(history, f"{config.out}/{filename}", title=title)
+    print(f"-> {config.out}/metrics.json", flush=True)
     return metrics
 
 
+def main(argv: list[str] | None = None) -> dict:
+    """Flags -> the task's config (its defaults are the task's) -> run."""
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", default="lesson")
+    defaults = CONFIGS.get(task.parse_known_args(argv)[0].task, LessonConfig)()
+    parser = flags.parser(__doc__, defaults)
+    parser.set_defaults(task="lesson")
+    args = parser.parse_args(argv)
+    return flags.execute(parser, run, flags.config(parser, CONFIGS[args.task], args))
+
+
 if __name__ == "__main__":
+    flags.setup_logging()
     main()

@@ -55,3 +55,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def write_metrics(out_dir: str | os.PathLike, metrics: dict[str, Any]) -> Path:
     """`out_dir/metrics.json`: the experiment's figures plus `run_info()`."""
     return write_json(Path(out_dir) / "metrics.json", {**metrics, **run_info()})
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Create the folder `path` if needed and write a scratch file in it; a ValueError naming it if that fails.
+
+    Scripts call it on their output and checkpoint folders before training, so a bad folder fails at once
+    instead of after the fit.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".writable-"):
+            pass
+    except OSError as error:
+        reason = "it is a file, not a folder" if path.is_file() else (error.strerror or str(error))
+        raise ValueError(f"path: cannot write into {str(path)!r}: {reason}") from error
+    return path

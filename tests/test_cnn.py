@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import jax
@@ -7,7 +8,7 @@ import optax
 import pytest
 
 from experiments import cnn_mnist
-from flaxlesson import models, plots, training
+from flaxlesson import checkpoint, models, plots, training
 
 
 def _cnn_state(size=28, channels=1, num_classes=10, seed=0):
@@ -105,7 +106,7 @@ def test_confusion_matrix_rejects_a_shape_unlike_the_classes(tmp_path):
 
 
 def test_script_trains_on_digits_and_writes_metrics_and_figures(tmp_path):
-    metrics = cnn_mnist.main(["--dataset", "digits", "--epochs", "1", "--out", str(tmp_path)])
+    metrics = cnn_mnist.run(cnn_mnist.Config(dataset="digits", epochs=1, out=str(tmp_path)))
     assert metrics["dataset"] == "digits" and metrics["test_accuracy"] > 0.5
     matrix = np.asarray(metrics["confusion_matrix"])
     assert matrix.sum() == 360
@@ -143,13 +144,24 @@ def test_fast_cnn_equals_the_plain_form_in_value_and_gradient():
 
 
 def test_script_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(tmp_path):
-    common = ["--dataset", "digits", "--limit", "200", "--batch-size", "50"]
-    whole = cnn_mnist.main([*common, "--epochs", "2", "--out", str(tmp_path / "whole")])
+    common = cnn_mnist.Config(dataset="digits", limit=200, batch_size=50, epochs=2)
+    whole = cnn_mnist.run(dataclasses.replace(common, out=str(tmp_path / "whole")))
     ckpt = str(tmp_path / "ckpt")
-    cnn_mnist.main([*common, "--epochs", "1", "--checkpoint-dir", ckpt, "--out", str(tmp_path / "first")])
-    resumed = cnn_mnist.main(
-        [*common, "--epochs", "2", "--checkpoint-dir", ckpt, "--resume", "--out", str(tmp_path / "resumed")]
+    cnn_mnist.run(dataclasses.replace(common, epochs=1, checkpoint_dir=ckpt, out=str(tmp_path / "first")))
+    resumed = cnn_mnist.run(
+        dataclasses.replace(common, checkpoint_dir=ckpt, resume=True, out=str(tmp_path / "resumed"))
     )
     assert len(resumed["history"]["loss"]) == 1
     np.testing.assert_allclose(resumed["history"]["loss"][0], whole["history"]["loss"][1], rtol=1e-5)
     np.testing.assert_allclose(resumed["test_accuracy"], whole["test_accuracy"], atol=1e-6)
+
+
+def test_script_resumed_with_nothing_left_to_train_scores_the_checkpoint(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save(ckpt, _cnn_state(), 1)
+    config = cnn_mnist.Config(
+        dataset="digits", limit=50, epochs=1, checkpoint_dir=str(ckpt), resume=True, out=str(tmp_path / "out")
+    )
+    metrics = cnn_mnist.run(config)
+    assert metrics["history"] == {} and metrics["train_samples_per_second"] is None
+    assert "nothing left to train after epoch 1" in capsys.readouterr().out

@@ -8,24 +8,20 @@ from flaxlesson import checkpoint, training
 SETTINGS = {"samples": 52, "features": 8, "classes": 10, "epochs": 2, "batch_size": 30, "seed": 4}
 
 
-def _argv(**settings):
-    return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
-
-
 @pytest.mark.parametrize("strategy", ["sharded", "pmap"])
 def test_two_processes_of_four_devices_train_as_one_process_of_eight(strategy, tmp_path):
     # Two processes on 127.0.0.1, each with 4 CPU devices and reading only its half of every global batch,
     # save their state each epoch; here, in one process of 8 devices, the same fit must give the same params.
-    metrics = distributed.main(
-        [
-            *_argv(**SETTINGS),
-            f"--strategy={strategy}",
-            "--processes=2",
-            "--cpu-devices=4",
-            f"--checkpoint-dir={tmp_path / 'ckpt'}",
-            f"--out={tmp_path / 'out'}",
-            "--timeout=90",
-        ]
+    metrics = distributed.run(
+        distributed.Config(
+            **SETTINGS,
+            strategy=strategy,
+            processes=2,
+            cpu_devices=4,
+            checkpoint_dir=str(tmp_path / "ckpt"),
+            out=str(tmp_path / "out"),
+            timeout=90.0,
+        )
     )
     assert (metrics["num_processes"], metrics["num_devices"]) == (2, 8)
     assert metrics["max_abs_param_diff"] < 1e-5

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from experiments import rnn_sequences
+from experiments import flags, rnn_sequences
 
 
 def test_lesson_task_pads_fits_and_predicts(tmp_path):
-    metrics = rnn_sequences.main(["--task", "lesson", "--epochs", "2", "--out", str(tmp_path)])
+    metrics = rnn_sequences.run(rnn_sequences.LessonConfig(epochs=2, out=str(tmp_path)))
     np.testing.assert_array_equal(metrics["padded_x"], [[1, 2, 3, 0, 0], [4, 5, 6, 0, 0], [7, 8, 9, 0, 0]])
     predictions = np.asarray(metrics["predictions"])
     assert predictions.shape == (3, 1) and np.all((predictions > 0) & (predictions < 1))
@@ -19,26 +19,10 @@ def test_lesson_task_pads_fits_and_predicts(tmp_path):
 
 
 def test_rows_task_shows_seq_lengths_ignore_extra_padding(tmp_path):
-    metrics = rnn_sequences.main(
-        [
-            "--task",
-            "rows",
-            "--dataset",
-            "digits",
-            "--units",
-            "8",
-            "--epochs",
-            "1",
-            "--masking-epochs",
-            "1",
-            "--extra-padding",
-            "5",
-            "--validation-split",
-            "0",
-            "--out",
-            str(tmp_path),
-        ]
+    config = rnn_sequences.RowsConfig(
+        dataset="digits", units=8, epochs=1, masking_epochs=1, extra_padding=5, validation_split=0, out=str(tmp_path)
     )
+    metrics = rnn_sequences.run(config)
     masking = metrics["masking"]
     assert masking["with_seq_lengths"]["max_probability_change_from_extra_padding"] < 1e-5
     assert masking["without_seq_lengths"]["max_probability_change_from_extra_padding"] > 1e-3
@@ -58,7 +42,7 @@ def test_cut_rows_keeps_the_first_rows_and_pads_after():
     np.testing.assert_array_equal(out, [[[1, 2], [0, 0], [0, 0], [0, 0]], [[7, 8], [9, 10], [11, 12], [0, 0]]])
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "11"], ["--units", "0"], ["--task", "rows", "--min-rows", "0"]])
-def test_bad_flags_are_rejected(argv, tmp_path):
-    with pytest.raises(SystemExit):
-        rnn_sequences.main([*argv, "--dataset", "digits", "--out", str(tmp_path)])
+def test_more_rows_kept_than_the_images_have_is_an_error_of_min_rows(tmp_path):
+    config = rnn_sequences.RowsConfig(dataset="digits", min_rows=29, out=str(tmp_path))
+    with pytest.raises(flags.ConfigError, match=r"min_rows: must lie in \[1, 28\], got 29"):
+        rnn_sequences.run(config)

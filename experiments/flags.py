@@ -1,0 +1,236 @@
+"""The experiments' command line: every flag declared once, checked as it is parsed, and turned into a config.
+
+Each script holds a frozen config dataclass (a subclass of `Config`) whose fields are its flags, with the lesson's
+settings as defaults; `run(config)` does the work and `main(argv)` is `parser` + `config` + `execute`. A config
+checks its fields with the very functions that parse the flags, so `run(Config(epochs=0))` fails as
+`--epochs 0` does, and every valid config can be written back as flags (`to_argv`), which is how the lesson runs
+each section in a process of its own.
+"""
+
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from flaxlesson import checkpoint, data, parallel, results
+
+INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a process stopped by Ctrl-C (128 + SIGINT)
+
+
+def _number(text: str, kind: type, wanted: str, ok: Callable[[Any], bool]) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (epochs, batch sizes, counts)."""
+    return _number(text, int, "a positive integer", lambda v: v >= 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (seeds, padding)."""
+    return _number(text, int, "a non-negative integer", lambda v: v >= 0)
+
+
+def int_in(low: int, high: int) -> Callable[[str], int]:
+    """A parser of integers in [low, high]."""
+
+    def parse(text: str) -> int:
+        return _number(text, int, f"an integer in [{low}, {high}]", lambda v: low <= v <= high)
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1): a share of the data held out."""
+    return _number(text, float, "a number in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (seconds)."""
+    return _number(text, float, "a positive number", lambda v: math.isfinite(v) and v > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """One flag: `type` turns its text into the value or raises ArgumentTypeError; None makes it a switch."""
+
+    help: str
+    type: Callable[[str], Any] | None = str
+    choices: Sequence[str] | None = None
+    nargs: str | None = None
+
+    def add_to(self, parser: argparse.ArgumentParser, name: str, default: Any) -> None:
+        """Declare `--name` on `parser` with `default`."""
+        flag = "--" + name.replace("_", "-")
+        if self.type is None:
+            parser.add_argument(flag, action="store_true", default=default, help=self.help)
+        else:
+            parser.add_argument(
+                flag, type=self.type, choices=self.choices, nargs=self.nargs, default=default, help=self.help
+            )
+
+    def check(self, value: Any) -> None:
+        """Raise ArgumentTypeError unless `value` is what parsing this flag could give."""
+        if self.type is None:
+            if not isinstance(value, bool):
+                raise argparse.ArgumentTypeError(f"must be True or False, got {value!r}")
+            return
+        for item in value if self.nargs else (value,):
+            parsed = self.type(str(item))
+            if parsed != item:
+                raise argparse.ArgumentTypeError(f"must be {type(parsed).__name__}, got {item!r}")
+            if self.choices is not None and item not in self.choices:
+                raise argparse.ArgumentTypeError(f"must be one of {list(self.choices)}, got {item!r}")
+
+    def argv(self, name: str, value: Any) -> list[str]:
+        """The command-line words that give `value`."""
+        flag = "--" + name.replace("_", "-")
+        if self.type is None:
+            return [flag] if value else []
+        return [flag, *map(str, value if self.nargs else (value,))]
+
+
+SHARED: dict[str, Flag] = {
+    "dataset": Flag(
+        "image source; auto takes TFDS mnist if prepared, else Debian's Fashion-MNIST, else digits",
+        choices=data.IMAGE_DATASETS,
+    ),
+    "data_dir": Flag("folder of IDX files (idx), or TFDS's data dir (mnist, ...)"),
+    "epochs": Flag("epochs to train, as Keras's fit(epochs=...)", positive_int),
+    "batch_size": Flag("samples per training step", positive_int),
+    "validation_split": Flag("fraction of the training data held out (the last, before shuffling)", fraction),
+    "strategy": Flag("how the training step is placed on devices", choices=tuple(sorted(parallel.STRATEGIES))),
+    "limit": Flag("use only the first N training and N test images (quick runs)", positive_int),
+    "seed": Flag("seeds the initialisation and the shuffling", non_negative_int),
+    "checkpoint_dir": Flag("save the train state here after every epoch"),
+    "resume": Flag("continue from the newest checkpoint in --checkpoint-dir", None),
+    "out": Flag("folder for metrics.json and the plots"),
+}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, named by its config field; the command line reports it as that flag's error."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+class Config:
+    """Base of the experiments' frozen config dataclasses: each field is the flag of that name.
+
+    `FLAGS` holds the script's own flags and any shared flag it narrows; the rest come from `SHARED`. A field may
+    be None only where its default is.
+    """
+
+    FLAGS: ClassVar[Mapping[str, Flag]] = {}
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value is None and field.default is None:
+                continue
+            try:
+                flag_of(type(self), field.name).check(value)
+            except (argparse.ArgumentTypeError, TypeError, ValueError) as error:
+                raise ConfigError(field.name, str(error)) from None
+        if getattr(self, "resume", False) and getattr(self, "checkpoint_dir", None) is None:
+            raise ConfigError("resume", "needs --checkpoint-dir")
+
+
+def flag_of(config_type: type, name: str) -> Flag:
+    """The flag behind a config field: the config's own, else the shared one."""
+    return config_type.FLAGS.get(name) or SHARED[name]
+
+
+def parser(doc: str, defaults: Config) -> argparse.ArgumentParser:
+    """A parser of every field of `defaults` as a flag, with its value as the default; `doc`'s first line heads it."""
+    result = argparse.ArgumentParser(
+        description=doc.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for field in dataclasses.fields(defaults):
+        flag_of(type(defaults), field.name).add_to(result, field.name, getattr(defaults, field.name))
+    return result
+
+
+def error(parser: argparse.ArgumentParser, problem: ConfigError) -> None:
+    """Exit with the usage and one `error:` line naming the flag (status 2), as argparse does for a bad value."""
+    parser.error(f"argument --{problem.field.replace('_', '-')}: {problem.message}")
+
+
+def config(parser: argparse.ArgumentParser, config_type: type, args: argparse.Namespace) -> Any:
+    """`config_type` from parsed flags; a setting that cannot work (checked across flags) is a usage error."""
+    try:
+        return config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type) if f.init})
+    except ConfigError as problem:
+        error(parser, problem)
+
+
+def to_argv(config: Config) -> list[str]:
+    """The flags that give `config` to its script: each field off its default, and the fields a config fixes."""
+    words = []
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if not field.init or value != field.default:
+            words += flag_of(type(config), field.name).argv(field.name, value)
+    return words
+
+
+def setup_logging() -> None:
+    """For a script run as a program: the library's log lines (flaxlesson's INFO and up, others' warnings) on stdout.
+
+    `force` replaces the handler orbax puts on the root logger when imported. Not called by `main`, so tests that
+    call it keep pytest's own logging.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout, force=True)
+    logging.getLogger("flaxlesson").setLevel(logging.INFO)
+
+
+def check_before_training(config: Config) -> None:
+    """Raise ConfigError for what would fail only after training: unwritable folders, a resume past the epochs."""
+    for name in ("out", "checkpoint_dir"):
+        folder = getattr(config, name, None)
+        if folder is not None:
+            try:
+                results.check_writable(folder)
+            except ValueError as problem:
+                raise ConfigError(name, str(problem).removeprefix("path: ")) from None
+    if getattr(config, "resume", False):
+        trained = checkpoint.latest_epoch(config.checkpoint_dir)
+        if trained is not None and trained > config.epochs:
+            raise ConfigError(
+                "resume",
+                f"the newest checkpoint in {config.checkpoint_dir!r} has trained {trained} epochs, past "
+                f"--epochs {config.epochs}; ask for at least {trained}",
+            )
+
+
+def interrupted(*histories: Any) -> dict[str, bool]:
+    """`{"interrupted": True}` for metrics.json when a fit was stopped by Ctrl-C, else nothing."""
+    return {"interrupted": True} if any(getattr(h, "interrupted", False) for h in histories) else {}
+
+
+def execute(parser: argparse.ArgumentParser, run: Callable[[Any], dict], config: Config) -> dict:
+    """A script's main after parsing: check what can be checked before training, run, exit 130 if interrupted.
+
+    A ConfigError, before or during the run (data that is not there, a checkpoint of another model), exits as
+    a usage error. After Ctrl-C the run has written metrics.json and its plots for what finished.
+    """
+    try:
+        check_before_training(config)
+        metrics = run(config)
+    except ConfigError as problem:
+        error(parser, problem)
+    if metrics.get("interrupted"):
+        print(f"Interrupted: {config.out} holds what finished", flush=True)
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    return metrics
