@@ -29,6 +29,7 @@ class Config(flags.Config):
     data_dir: str | None = None
     epochs: int = 5
     batch_size: int = 64
+    steps_per_execution: int | str = 1
     validation_split: float = 0.1
     strategy: str = "single"
     augment: bool = False
@@ -75,6 +76,7 @@ def run(config: Config) -> dict:
         images.y_train,
         epochs=config.epochs,
         batch_size=config.batch_size,
+        steps_per_execution=config.steps_per_execution,
         validation_split=config.validation_split,
         seed=config.seed,
         strategy=config.strategy,

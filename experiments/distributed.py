@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import flags  # noqa: E402
-from flaxlesson import checkpoint, models, parallel, plots, results, training  # noqa: E402
+from flaxlesson import checkpoint, launch, models, parallel, plots, results, training, worker  # noqa: E402
 
 # Left out of metrics.json's settings: where this process sat in the run, not how the run was set.
 PLACEMENT = ("coordinator", "process_id")
@@ -56,11 +56,16 @@ class Config(flags.Config):
         "process_id": flags.Flag("this process's rank in the run", flags.non_negative_int),
         "coordinator": flags.Flag("HOST:PORT of process 0 when the processes run on several hosts"),
         "timeout": flags.Flag("seconds the local processes may take", flags.positive_float),
+        "max_restarts": flags.Flag(
+            "restart the local processes from the newest checkpoint up to this many times when one dies",
+            flags.non_negative_int,
+        ),
     }
 
     strategy: str = "sharded"
     epochs: int = 5
     batch_size: int = 32
+    steps_per_execution: int | str = 1
     samples: int = 1000
     features: int = 784
     classes: int = 10
@@ -70,6 +75,7 @@ class Config(flags.Config):
     process_id: int | None = None
     coordinator: str | None = None
     timeout: float = 600.0
+    max_restarts: int = 0
     checkpoint_dir: str | None = None
     resume: bool = False
     out: str = "runs/distributed"
@@ -90,11 +96,12 @@ class Config(flags.Config):
 
 def _launch(config: Config) -> dict:
     """Start every process of the run on this machine (127.0.0.1) and return what process 0 wrote."""
-    outputs = parallel.launch_local(
+    outputs = launch.launch_local(
         [str(Path(__file__).resolve()), *flags.to_argv(config)],
         config.processes,
         devices_per_process=config.cpu_devices or 1,
         timeout=config.timeout,
+        max_restarts=config.max_restarts,
     )
     print(outputs[0], end="", flush=True)
     return json.loads((Path(config.out) / "metrics.json").read_text())
@@ -116,10 +123,17 @@ def train(config: Config) -> dict:
     state = training.create_train_state(model, x[:1], seed=config.seed)
     strategy = parallel.get_strategy(config.strategy)
     lead = jax.process_index() == 0
+    # A process restarted by the launcher resumes from the newest checkpoint, whatever --resume says.
+    resume = config.resume or (config.checkpoint_dir is not None and worker.restart_attempt() > 0)
     state, initial_epoch, callbacks = checkpoint.resume_or_start(
-        config.checkpoint_dir, state, resume=config.resume, strategy=strategy
+        config.checkpoint_dir, state, resume=resume, strategy=strategy
     )
-    same = {"epochs": config.epochs, "batch_size": config.batch_size, "seed": config.seed}
+    same = {
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "seed": config.seed,
+        "steps_per_execution": config.steps_per_execution,
+    }
     state, history = training.fit(
         state,
         x,
@@ -196,7 +210,8 @@ def run(config: Config) -> dict:
                     f"JAX already runs in this process with {jax.local_device_count()} devices; "
                     "pass it to a fresh process",
                 ) from None
-    parallel.initialize(config.coordinator, config.processes, config.process_id)
+    # One process given, no JAX_* variables: None lets `initialize` detect a launcher's run (mpirun, SLURM).
+    parallel.initialize(config.coordinator, config.processes if config.processes > 1 else None, config.process_id)
     try:
         return train(config)
     except checkpoint.CheckpointError as error:

@@ -49,6 +49,11 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def steps_per_execution(text: str) -> int | str:
+    """Keras's steps_per_execution: a positive integer, or 'epoch' for a whole epoch per compiled call."""
+    return "epoch" if text == "epoch" else _number(text, int, "a positive integer or 'epoch'", lambda v: v >= 1)
+
+
 def fraction(text: str) -> float:
     """A number in [0, 1): a share of the data held out."""
     return _number(text, float, "a number in [0, 1)", lambda v: 0 <= v < 1)
@@ -114,6 +119,10 @@ SHARED: dict[str, Flag] = {
     "checkpoint_dir": Flag("save the train state here after every epoch"),
     "resume": Flag("continue from the newest checkpoint in --checkpoint-dir", None),
     "out": Flag("folder for metrics.json and the plots"),
+    "steps_per_execution": Flag(
+        "training steps per compiled call (lax.scan), or 'epoch'; the update is the same for every value",
+        steps_per_execution,
+    ),
 }
 
 

@@ -25,6 +25,7 @@ class Config(flags.Config):
     seeds: int = 1
     epochs: int = 30
     batch_size: int = 10
+    steps_per_execution: int | str = 1
     validation_split: float = 0.2
     out: str = "runs/mlp_iris"
 
@@ -47,6 +48,7 @@ def run(config: Config) -> dict:
             y_train,
             epochs=config.epochs,
             batch_size=config.batch_size,
+            steps_per_execution=config.steps_per_execution,
             validation_split=config.validation_split,
             seed=seed,
             verbose=2 if seed == 0 else 0,

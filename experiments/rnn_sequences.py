@@ -54,6 +54,7 @@ class LessonConfig(flags.Config):
     activation: str = "relu"
     epochs: int = 10
     batch_size: int = 1
+    steps_per_execution: int | str = 1
     validation_split: float = 0.0
     masking_epochs: int = 5
     min_rows: int = 7
@@ -104,6 +105,7 @@ def lesson(config: LessonConfig) -> tuple[dict, Curves]:
         y,
         epochs=config.epochs,
         batch_size=config.batch_size,
+        steps_per_execution=config.steps_per_execution,
         validation_split=config.validation_split,
         seed=config.seed,
         verbose=2,
@@ -173,6 +175,7 @@ def _masking(
             labels["train"],
             epochs=config.masking_epochs,
             batch_size=config.batch_size,
+            steps_per_execution=config.steps_per_execution,
             validation_split=config.validation_split,
             seed=config.seed,
             verbose=2,
@@ -218,6 +221,7 @@ def rows_task(config: LessonConfig) -> tuple[dict, Curves]:
         labels["train"],
         epochs=config.epochs,
         batch_size=config.batch_size,
+        steps_per_execution=config.steps_per_execution,
         validation_split=config.validation_split,
         seed=config.seed,
         verbose=2,
