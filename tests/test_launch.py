@@ -166,7 +166,7 @@ def test_initialize_joins_a_run_started_by_mpirun():
     code = (
         "import jax, jax.numpy as jnp, numpy as np; from flaxlesson import parallel; n = parallel.initialize(); "
         "strategy = parallel.Sharded(); rank = jax.process_index(); "
-        "x = strategy.shard_batch(np.arange(2 * rank, 2 * rank + 2, dtype=np.float32)); "
+        "x = strategy.shard_steps(np.arange(2 * rank, 2 * rank + 2, dtype=np.float32)[None]); "
         "print('sum', n, rank, jax.device_count(), float(jax.jit(jnp.sum)(x)))"
     )
     env = {
