@@ -1,17 +1,26 @@
-# The README's two set-up commands: `make lesson` runs the whole lesson, `make test` the test suite.
-# Each makes the virtual environment .venv and installs the project into it on first use.
+# The README's set-up commands: `make lesson` runs the whole lesson, `make test` the test suite, `make install`
+# only installs.
+# Each makes the virtual environment $(VENV) with $(PYTHON) and installs the project into it on first use.
+#   PYTHON   the interpreter that makes the venv (default python3)
+#   VENV     the venv folder (default .venv; CI uses .venv-3.13 for its second Python)
+#   EXTRAS   extras installed beside `test`: cuda (CUDA 13), cuda12 or tpu, e.g. `make lesson EXTRAS=cuda`
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
+EXTRAS ?=
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+comma := ,
+INSTALL_EXTRAS := test$(if $(EXTRAS),$(comma)$(EXTRAS))
+STAMP := $(VENV)/.installed-$(subst $(comma),+,$(INSTALL_EXTRAS))
 
-.PHONY: lesson lint test benchmark clean
+.PHONY: install lesson lint test benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[$(INSTALL_EXTRAS)]'
 	touch $(STAMP)
+
+install: $(STAMP)
 
 lesson: $(STAMP)
 	$(PY) experiments/lesson.py --out runs/lesson
@@ -20,6 +29,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# pytest exits 5 when it collects no tests; make stops on any non-zero status, so that fails too.
 test: lint
 	$(PY) -m pytest -n 2
 
