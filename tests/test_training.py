@@ -89,7 +89,7 @@ def test_partial_last_batch_compiles_one_step(caplog):
     x, y = _toy(n=7)
     with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
         training.fit(_state(), x, y, epochs=2, batch_size=5, verbose=0)
-    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")]
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_steps)")]
     assert len(compiles) == 1
 
 
