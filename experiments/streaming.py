@@ -1,0 +1,284 @@
+"""Issue 13: the lesson's CNN trained streaming from an on-disk set N times the training images, and in memory.
+
+    python experiments/streaming.py --copies 20 --steps 500 --out runs/streaming
+    python experiments/streaming.py --copies 2 --steps 50 --dataset digits --out runs/streaming_smoke
+
+Writes --copies augmented draws of the training images (the lesson's ImageDataGenerator, a different draw per
+copy) as ArrayRecord shards into --out/train_shards, a chunk at a time, so the set is never in memory. Then
+trains the lesson's CNN for --steps steps streaming from it (grain, --workers processes), and for --steps
+steps from the 1x training images in memory, with one training loop for both. metrics.json: dataset_bytes,
+peak_rss_bytes, samples_per_second, in_memory_samples_per_second, test_accuracy (of the streamed model).
+"""
+
+import argparse
+import dataclasses
+import functools
+import itertools
+import math
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flaxlesson import augment, data, models, results, shards, streaming, training  # noqa: E402
+
+# The smallest value of each integer setting; the flags and Config check against the same table.
+MINIMUMS = {
+    "copies": 1,
+    "steps": 2,
+    "batch_size": 1,
+    "limit": 1,
+    "workers": 0,
+    "prefetch": 0,
+    "records_per_shard": 1,
+    "seed": 0,
+}
+CHUNK = 4096  # images augmented and written at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One run's settings (the flags of `main`)."""
+
+    copies: int = 2
+    steps: int = 200
+    batch_size: int = 64
+    dataset: str = "auto"
+    data_dir: str | None = None
+    limit: int | None = None
+    workers: int = 2
+    prefetch: int = 4
+    records_per_shard: int = shards.DEFAULT_RECORDS_PER_SHARD
+    seed: int = 0
+    out: str = "runs/streaming"
+
+    def __post_init__(self) -> None:
+        for name, minimum in MINIMUMS.items():
+            value = getattr(self, name)
+            if value is None and name == "limit":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if self.dataset not in data.IMAGE_DATASETS:
+            raise ValueError(f"dataset must be one of {list(data.IMAGE_DATASETS)}, got {self.dataset!r}")
+
+
+def to_uint8(images: Any) -> np.ndarray:
+    """[0, 1] float images as uint8, rounded (the inverse of the reader's / 255 up to that rounding)."""
+    return np.clip(np.round(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
+
+
+def write_augmented_copies(
+    images: data.ImageData, copies: int, out_dir: str | Path, *, seed: int, records_per_shard: int
+) -> Path:
+    """`copies` draws of the lesson's augmentation of every training image, as shards, CHUNK images at a time."""
+    fields = shards.image_fields(images.x_train.shape[1:])
+    source = f"{copies} augmented copies (augment.LESSON_GENERATOR, seed {seed}) of {images.name} train"
+    with shards.ShardWriter(
+        out_dir, fields, records_per_shard=records_per_shard, class_names=images.class_names, source=source
+    ) as writer:
+        for copy in range(copies):
+            key = jax.random.fold_in(jax.random.key(seed), copy)
+            for start in range(0, len(images.x_train), CHUNK):
+                chunk = slice(start, start + CHUNK)
+                drawn = augment.augment(jax.random.fold_in(key, start), images.x_train[chunk], augment.LESSON_GENERATOR)
+                writer.write({streaming.IMAGE: to_uint8(drawn), streaming.LABEL: images.y_train[chunk]})
+    return Path(out_dir)
+
+
+def in_memory_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> Iterable[data.Batch]:
+    """`training.fit`'s batches over arrays, epoch after epoch: each shuffled by default_rng([seed, epoch])."""
+    return itertools.chain.from_iterable(
+        data.iterate_batches(x, y, batch_size, rng=np.random.default_rng([seed, epoch])) for epoch in itertools.count()
+    )
+
+
+@functools.cache
+def compiled_step(loss: str) -> Any:
+    """The lesson's train step for `loss`, jitted once for both runs (same shapes: one compile), nothing donated.
+
+    Not donating keeps the initial state alive, so both runs start from the one state.
+    """
+    return jax.jit(training.make_train_step(loss))
+
+
+def train(state: training.TrainState, batches: Iterable[data.Batch], steps: int) -> tuple[training.TrainState, float]:
+    """`steps` steps of the lesson's jitted train step over `batches`: the state, and samples/s after step 1.
+
+    The one loop both runs share while `training.fit` takes arrays only; once fit takes a StreamingDataset,
+    each call becomes `training.fit(state, dataset, epochs=..., batch_size=..., seed=...)` (fit counts epochs).
+    """
+    step = compiled_step(state.loss)
+    key, totals = jax.random.key(0), training.zero_totals()
+    samples, start = 0.0, 0.0
+    for i, batch in enumerate(itertools.islice(batches, steps)):
+        state, totals = step(state, totals, batch, key)
+        if i == 0:
+            jax.block_until_ready(state)
+            start = time.perf_counter()
+        else:
+            samples += float(batch["mask"].sum())
+    jax.block_until_ready(state)
+    return state, samples / (time.perf_counter() - start)
+
+
+class PeakRss:
+    """Peak resident memory of this process and of its child processes (grain's workers), while it is open.
+
+    Each process's peak is its VmHWM in /proc/PID/status (the kernel's high-water mark). Children are found
+    with psutil and read every `interval` seconds while they live, since a process's VmHWM goes with it.
+    """
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.children = interval, {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    @staticmethod
+    def vm_hwm(pid: int | str = "self") -> int:
+        """VmHWM of process `pid` in bytes (0 if it has gone)."""
+        try:
+            lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        except (FileNotFoundError, ProcessLookupError):
+            return 0
+        kib = next((line.split()[1] for line in lines if line.startswith("VmHWM:")), "0")
+        return int(kib) * 1024
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            for child in psutil.Process().children(recursive=True):
+                self.children[child.pid] = max(self.children.get(child.pid, 0), self.vm_hwm(child.pid))
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, Any]:
+        """This process's peak, each child's, and their sum (an upper bound of the simultaneous peak)."""
+        main, workers = self.vm_hwm(), sorted(self.children.values(), reverse=True)
+        return {
+            "peak_rss_bytes": main + sum(workers),
+            "peak_rss_main_bytes": main,
+            "peak_rss_workers_bytes": workers,
+            "peak_rss_method": "sum of VmHWM from /proc/PID/status of this process and each worker (psutil lists "
+            f"the workers, read every {self.interval}s while they live)",
+        }
+
+
+def load_images(config: Config) -> data.ImageData:
+    """The run's training and test images, as `data.load_images` gives them."""
+    return data.load_images(config.dataset, config.data_dir).head(config.limit)
+
+
+def run(config: Config, images: data.ImageData | None = None) -> dict[str, Any]:
+    """Write the N-copy set, train from it and from memory, evaluate; returns (and writes) the metrics.
+
+    The shards go to OUT/train_shards, rewritten on every run. `images` defaults to `load_images(config)`.
+    """
+    images = load_images(config) if images is None else images
+    shard_dir = Path(config.out) / "train_shards"
+    shutil.rmtree(shard_dir, ignore_errors=True)
+    model = models.CNN(num_classes=images.num_classes)
+    start_state = training.create_train_state(model, images.x_train[:1], seed=config.seed)
+
+    with PeakRss() as rss:
+        start = time.perf_counter()
+        write_augmented_copies(
+            images, config.copies, shard_dir, seed=config.seed, records_per_shard=config.records_per_shard
+        )
+        write_seconds = time.perf_counter() - start
+        dataset = streaming.StreamingDataset(shard_dir, worker_count=config.workers, prefetch=config.prefetch)
+        epochs = math.ceil(config.steps / dataset.steps_per_epoch(config.batch_size))
+        with dataset.batches(config.batch_size, seed=config.seed, num_epochs=epochs) as batches:
+            state, rate = train(start_state, batches, config.steps)
+    memory = rss.summary()
+
+    in_memory_state, in_memory_rate = train(
+        start_state, in_memory_batches(images.x_train, images.y_train, config.batch_size, config.seed), config.steps
+    )
+    test = training.evaluate(state, images.x_test, images.y_test)
+    in_memory_test = training.evaluate(in_memory_state, images.x_test, images.y_test)
+    metrics = {
+        "dataset_bytes": sum(f.stat().st_size for f in shard_dir.iterdir()),
+        **memory,
+        "samples_per_second": rate,
+        "in_memory_samples_per_second": in_memory_rate,
+        "test_accuracy": test["accuracy"],
+        "in_memory_test_accuracy": in_memory_test["accuracy"],
+        "num_examples": len(dataset),
+        "in_memory_bytes": images.x_train.nbytes + images.y_train.nbytes,
+        "write_seconds": write_seconds,
+        "dataset": images.name,
+        "dataset_source": images.source,
+        "shard_dir": str(shard_dir),
+        "config": config,
+    }
+    results.write_metrics(config.out, metrics)
+    return metrics
+
+
+def _integer(name: str) -> Any:
+    """An argparse type: an integer of at least MINIMUMS[name]; anything else is a one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < MINIMUMS[name]:
+            raise argparse.ArgumentTypeError(f"must be at least {MINIMUMS[name]}, got {value}")
+        return value
+
+    return parse
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = Config()
+    parser.add_argument("--copies", type=_integer("copies"), default=defaults.copies, help="augmented copies on disk")
+    parser.add_argument("--steps", type=_integer("steps"), default=defaults.steps, help="train steps of each run")
+    parser.add_argument("--batch-size", type=_integer("batch_size"), default=defaults.batch_size)
+    parser.add_argument(
+        "--dataset",
+        default=defaults.dataset,
+        choices=data.IMAGE_DATASETS,
+        help="image source; auto takes TFDS mnist if prepared, else Debian's Fashion-MNIST, else digits",
+    )
+    parser.add_argument("--data-dir", default=None, help="folder of IDX files (idx), or TFDS's data dir (mnist, ...)")
+    parser.add_argument("--limit", type=_integer("limit"), default=None, help="use only the first N train/test images")
+    parser.add_argument("--workers", type=_integer("workers"), default=defaults.workers, help="grain processes")
+    parser.add_argument("--prefetch", type=_integer("prefetch"), default=defaults.prefetch, help="batches read ahead")
+    parser.add_argument("--records-per-shard", type=_integer("records_per_shard"), default=defaults.records_per_shard)
+    parser.add_argument("--seed", type=_integer("seed"), default=defaults.seed, help="augmentation, init, shuffling")
+    parser.add_argument("--out", default=defaults.out)
+    config = Config(**vars(parser.parse_args(argv)))
+    try:
+        images = load_images(config)
+    except (ValueError, data.DatasetUnavailableError) as e:
+        parser.error(str(e))
+    metrics = run(config, images)
+    print(
+        f"{config.copies} copies of {metrics['dataset']}: {metrics['num_examples']:,} images, "
+        f"{metrics['dataset_bytes'] / 2**20:,.1f} MiB on disk; peak RSS {metrics['peak_rss_bytes'] / 2**20:,.0f} MiB "
+        f"(process and {len(metrics['peak_rss_workers_bytes'])} workers); streaming "
+        f"{metrics['samples_per_second']:,.0f} samples/s, in memory {metrics['in_memory_samples_per_second']:,.0f}; "
+        f"test accuracy {metrics['test_accuracy']:.4f} -> {config.out}/metrics.json"
+    )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
