@@ -12,14 +12,11 @@ peak_rss_bytes, samples_per_second, in_memory_samples_per_second, test_accuracy 
 
 import argparse
 import dataclasses
-import functools
-import itertools
 import math
 import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -95,40 +92,25 @@ def write_augmented_copies(
     return Path(out_dir)
 
 
-def in_memory_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int) -> Iterable[data.Batch]:
-    """`training.fit`'s batches over arrays, epoch after epoch: each shuffled by default_rng([seed, epoch])."""
-    return itertools.chain.from_iterable(
-        data.iterate_batches(x, y, batch_size, rng=np.random.default_rng([seed, epoch])) for epoch in itertools.count()
+def train(state: training.TrainState, x: Any, y: np.ndarray | None, config: Config) -> tuple[Any, float]:
+    """`training.fit` for about `config.steps` steps on arrays or a streaming dataset: the state and samples/s.
+
+    The steps are spread over whole epochs' worth of the data (Keras's `steps_per_epoch` cuts each epoch), so the
+    same call trains from a 1x set in memory and from an N-copy set on disk; samples/s is the median epoch's.
+    """
+    n = x.num_examples if y is None else len(y)
+    epochs = math.ceil(config.steps / math.ceil(n / config.batch_size))
+    state, history = training.fit(
+        state,
+        x,
+        y,
+        epochs=epochs,
+        steps_per_epoch=math.ceil(config.steps / epochs),
+        batch_size=config.batch_size,
+        seed=config.seed,
+        verbose=2,
     )
-
-
-@functools.cache
-def compiled_step(loss: str) -> Any:
-    """The lesson's train step for `loss`, jitted once for both runs (same shapes: one compile), nothing donated.
-
-    Not donating keeps the initial state alive, so both runs start from the one state.
-    """
-    return jax.jit(training.make_train_step(loss))
-
-
-def train(state: training.TrainState, batches: Iterable[data.Batch], steps: int) -> tuple[training.TrainState, float]:
-    """`steps` steps of the lesson's jitted train step over `batches`: the state, and samples/s after step 1.
-
-    The one loop both runs share while `training.fit` takes arrays only; once fit takes a StreamingDataset,
-    each call becomes `training.fit(state, dataset, epochs=..., batch_size=..., seed=...)` (fit counts epochs).
-    """
-    step = compiled_step(state.loss)
-    key, totals = jax.random.key(0), training.zero_totals()
-    samples, start = 0.0, 0.0
-    for i, batch in enumerate(itertools.islice(batches, steps)):
-        state, totals = step(state, totals, batch, key)
-        if i == 0:
-            jax.block_until_ready(state)
-            start = time.perf_counter()
-        else:
-            samples += float(batch["mask"].sum())
-    jax.block_until_ready(state)
-    return state, samples / (time.perf_counter() - start)
+    return state, history.summary()["train_samples_per_second"]
 
 
 class PeakRss:
@@ -201,14 +183,10 @@ def run(config: Config, images: data.ImageData | None = None) -> dict[str, Any]:
         )
         write_seconds = time.perf_counter() - start
         dataset = streaming.StreamingDataset(shard_dir, worker_count=config.workers, prefetch=config.prefetch)
-        epochs = math.ceil(config.steps / dataset.steps_per_epoch(config.batch_size))
-        with dataset.batches(config.batch_size, seed=config.seed, num_epochs=epochs) as batches:
-            state, rate = train(start_state, batches, config.steps)
+        state, rate = train(start_state, dataset, None, config)
     memory = rss.summary()
 
-    in_memory_state, in_memory_rate = train(
-        start_state, in_memory_batches(images.x_train, images.y_train, config.batch_size, config.seed), config.steps
-    )
+    in_memory_state, in_memory_rate = train(start_state, images.x_train, images.y_train, config)
     test = training.evaluate(state, images.x_test, images.y_test)
     in_memory_test = training.evaluate(in_memory_state, images.x_test, images.y_test)
     metrics = {

@@ -29,7 +29,7 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
-from flaxlesson import data
+from flaxlesson import batching, checks, datasets
 
 METADATA_FILE = "metadata.json"
 FORMAT = "flaxlesson-shards/1"
@@ -215,7 +215,7 @@ class TfdsReader:
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # any failure to find or open it: say what it needs
-            raise data.DatasetUnavailableError(
+            raise datasets.DatasetUnavailableError(
                 f"TFDS dataset {name!r} split {split!r} cannot be read from data_dir {data_dir} "
                 f"({type(e).__name__}: {e}); it must be prepared there as array_record"
             ) from e
@@ -267,21 +267,19 @@ def _epoch_rows(plan: _Plan, epoch: int) -> tuple[np.ndarray, np.ndarray]:
     The rows are a permutation of the row numbers only (n int64s); the data set itself is never loaded.
     """
     rng = np.random.default_rng([plan.seed, epoch]) if plan.shuffle else None
-    batches = list(
-        data.iterate_batches(
-            np.arange(plan.num_rows),
-            None,
-            plan.batch_size,
-            rng=rng,
-            pad_multiple=plan.pad_multiple,
-            process_index=plan.process_index,
-            process_count=plan.process_count,
-        )
+    shares = batching.batch_indices(
+        plan.num_rows,
+        plan.batch_size,
+        rng=rng,
+        pad_multiple=plan.pad_multiple,
+        process_index=plan.process_index,
+        process_count=plan.process_count,
     )
-    return np.stack([b["x"] for b in batches]), np.stack([b["mask"] for b in batches])
+    rows, masks = zip(*shares, strict=True)
+    return np.stack(rows), np.stack(masks)
 
 
-def _to_batch(examples: dict[str, np.ndarray]) -> data.Batch:
+def _to_batch(examples: dict[str, np.ndarray]) -> batching.Batch:
     """Decoded examples as `iterate_batches` gives them: float32 images in [0, 1] under 'x', int32 labels 'y'."""
     x = examples[IMAGE].astype(np.float32) / np.float32(255)
     extras = {name: value for name, value in examples.items() if name not in (IMAGE, LABEL)}
@@ -296,7 +294,7 @@ class _LoadBatch:
     first_row: int
     plan: _Plan
 
-    def __call__(self, position: int) -> data.Batch:
+    def __call__(self, position: int) -> batching.Batch:
         epoch, step = divmod(position, self.plan.steps)
         rows, masks = _epoch_rows(self.plan, epoch)
         batch = _to_batch(self.records.read(rows[step] + self.first_row))
@@ -323,12 +321,10 @@ def _owned(tree: Any) -> Any:
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return checks.integer(name, value, low=minimum)
 
 
-class BatchIterator(Iterator[data.Batch]):
+class BatchIterator(Iterator[batching.Batch]):
     """One process's batches of one or more epochs, with a position that can be saved and restored.
 
     `get_state()` is a small JSON-able dict: the epoch and step of the next batch, and the seed and batch
@@ -343,7 +339,7 @@ class BatchIterator(Iterator[data.Batch]):
     def __iter__(self) -> "BatchIterator":
         return self
 
-    def __next__(self) -> data.Batch:
+    def __next__(self) -> batching.Batch:
         if self._position >= self._stop:
             self.close()
             raise StopIteration
@@ -462,7 +458,7 @@ class StreamingDataset:
         """Batches in one epoch, the last one partial (and padded) when `batch_size` does not divide the count."""
         return -(-self.num_examples // _check_count("batch_size", batch_size, 1))
 
-    def take(self, indices: Sequence[int] | np.ndarray) -> data.Batch:
+    def take(self, indices: Sequence[int] | np.ndarray) -> batching.Batch:
         """Rows `indices` of this view in memory, decoded as in a batch ({'x', 'y'}, no mask): e.g. a model's sample."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if indices.size and not (0 <= indices.min() and indices.max() < self.num_examples):
@@ -472,11 +468,11 @@ class StreamingDataset:
     def split(self, validation_split: float) -> tuple["StreamingDataset", "StreamingDataset | None"]:
         """(train, validation) views: the LAST `validation_split` of the rows held out, as Keras's fit does.
 
-        The rows are the ones `data.train_validation_split` keeps for arrays (it is called on row numbers);
+        The rows are the ones `batching.train_validation_split` keeps for arrays (it is called on row numbers);
         the validation view is None when `validation_split` is 0.
         """
         n = self.num_examples
-        (train, _), (validation, _) = data.train_validation_split(np.arange(n), np.arange(n), validation_split)
+        (train, _), (validation, _) = batching.train_validation_split(np.arange(n), np.arange(n), validation_split)
         start = self.rows.start
         views = [
             StreamingDataset(

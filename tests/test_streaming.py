@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
 from experiments import streaming as experiment
-from flaxlesson import data, models, parallel, shards, streaming, training
+from flaxlesson import data, launch, models, shards, streaming, training
 from tests.test_images import _prepared_tfds_metadata, _write_idx_dir
 
 N, SIZE = 300, 8
@@ -165,7 +165,7 @@ def test_two_real_processes_on_loopback_read_disjoint_shares(id_shard_dir):
         "    ids.append(batch['x']['id'][batch['mask'] > 0].tolist())\n"
         "print('IDS', json.dumps([jax.process_index(), ids]))\n"
     )
-    outputs = parallel.launch_local(["-c", code], 2, timeout=120)
+    outputs = launch.launch_local(["-c", code], 2, timeout=120)
     shares = dict(json.loads(line.split(" ", 1)[1]) for out in outputs for line in out.splitlines() if "IDS" in line)
     for index in range(2):
         expected = data.iterate_batches(
@@ -319,22 +319,29 @@ def test_a_tfds_split_written_as_shards_reads_back_the_same(prepared_mnist, tmp_
 # The experiment
 
 
-def test_a_streaming_fit_and_an_in_memory_fit_of_the_same_order_end_with_the_same_params(shard_dir, in_memory):
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_a_streaming_fit_and_an_in_memory_fit_end_with_the_same_params(shard_dir, in_memory, steps_per_execution):
     model = models.CNN(features=(4,), dense=16, num_classes=3)
-    dataset = streaming.StreamingDataset(shard_dir)
-    streamed, _ = experiment.train(
-        training.create_train_state(model, in_memory.x_train[:1], seed=0),
-        dataset.batches(32, seed=3, num_epochs=2),
-        15,
+    start = training.create_train_state(model, in_memory.x_train[:1], seed=0)
+    settings = {"epochs": 2, "batch_size": 32, "seed": 3, "validation_split": 0.2, "verbose": 0}
+    streamed, history = training.fit(
+        start, streaming.StreamingDataset(shard_dir), steps_per_execution=steps_per_execution, **settings
     )
-    held, _ = experiment.train(
-        training.create_train_state(model, in_memory.x_train[:1], seed=0),
-        experiment.in_memory_batches(in_memory.x_train, in_memory.y_train, 32, seed=3),
-        15,
-    )
-    assert int(streamed.step) == int(held.step) == 15
+    held, held_history = training.fit(start, in_memory.x_train, in_memory.y_train, **settings)
+    assert int(streamed.step) == int(held.step)
     for a, b in zip(jax.tree.leaves(streamed.params), jax.tree.leaves(held.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(history.history["val_loss"], held_history.history["val_loss"], rtol=1e-5)
+
+
+def test_evaluate_and_predict_take_a_streaming_dataset(shard_dir, in_memory):
+    state = training.create_train_state(models.CNN(features=(4,), dense=16, num_classes=3), in_memory.x_train[:1])
+    dataset = streaming.StreamingDataset(shard_dir)
+    np.testing.assert_allclose(
+        training.predict(state, dataset), training.predict(state, in_memory.x_train), rtol=1e-6, atol=1e-7
+    )
+    result, held = training.evaluate(state, dataset), training.evaluate(state, in_memory.x_train, in_memory.y_train)
+    np.testing.assert_allclose([result["loss"], result["accuracy"]], [held["loss"], held["accuracy"]], rtol=1e-6)
 
 
 def test_the_experiment_writes_its_metrics(tmp_path):
