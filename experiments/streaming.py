@@ -6,11 +6,10 @@
 Writes --copies augmented draws of the training images (the lesson's ImageDataGenerator, a different draw per
 copy) as ArrayRecord shards into --out/train_shards, a chunk at a time, so the set is never in memory. Then
 trains the lesson's CNN for --steps steps streaming from it (grain, --workers processes), and for --steps
-steps from the 1x training images in memory, with one training loop for both. metrics.json: dataset_bytes,
+steps from the 1x training images in memory, both through `training.fit`. metrics.json: dataset_bytes,
 peak_rss_bytes, samples_per_second, in_memory_samples_per_second, test_accuracy (of the streamed model).
 """
 
-import argparse
 import dataclasses
 import math
 import shutil
@@ -26,25 +25,23 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from experiments import flags  # noqa: E402
 from flaxlesson import augment, data, models, results, shards, streaming, training  # noqa: E402
 
-# The smallest value of each integer setting; the flags and Config check against the same table.
-MINIMUMS = {
-    "copies": 1,
-    "steps": 2,
-    "batch_size": 1,
-    "limit": 1,
-    "workers": 0,
-    "prefetch": 0,
-    "records_per_shard": 1,
-    "seed": 0,
-}
 CHUNK = 4096  # images augmented and written at a time
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
-    """One run's settings (the flags of `main`)."""
+class Config(flags.Config):
+    """One run's settings; the defaults train the lesson's CNN, batch 64, from a 2-copy set."""
+
+    FLAGS = {
+        "copies": flags.Flag("augmented copies of the training images written to disk", flags.positive_int),
+        "steps": flags.Flag("train steps of each run (streamed and in memory)", flags.int_in(2, 10**9)),
+        "workers": flags.Flag("grain processes reading and decoding batches (0: this process)", flags.non_negative_int),
+        "prefetch": flags.Flag("batches read ahead per worker", flags.non_negative_int),
+        "records_per_shard": flags.Flag("images per ArrayRecord shard", flags.positive_int),
+    }
 
     copies: int = 2
     steps: int = 200
@@ -58,15 +55,10 @@ class Config:
     seed: int = 0
     out: str = "runs/streaming"
 
-    def __post_init__(self) -> None:
-        for name, minimum in MINIMUMS.items():
-            value = getattr(self, name)
-            if value is None and name == "limit":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if self.dataset not in data.IMAGE_DATASETS:
-            raise ValueError(f"dataset must be one of {list(data.IMAGE_DATASETS)}, got {self.dataset!r}")
+    @classmethod
+    def quick(cls) -> "Config":
+        """Tiny settings: 2 copies of 2,000 images, 50 steps, one worker."""
+        return cls(copies=2, steps=50, limit=2000, workers=1)
 
 
 def to_uint8(images: Any) -> np.ndarray:
@@ -161,8 +153,11 @@ class PeakRss:
 
 
 def load_images(config: Config) -> data.ImageData:
-    """The run's training and test images, as `data.load_images` gives them."""
-    return data.load_images(config.dataset, config.data_dir).head(config.limit)
+    """The run's training and test images; a source that is not there is a ConfigError of --dataset."""
+    try:
+        return data.load_images(config.dataset, config.data_dir).head(config.limit)
+    except (ValueError, data.DatasetUnavailableError) as e:
+        raise flags.ConfigError("dataset", str(e)) from None
 
 
 def run(config: Config, images: data.ImageData | None = None) -> dict[str, Any]:
@@ -205,58 +200,23 @@ def run(config: Config, images: data.ImageData | None = None) -> dict[str, Any]:
         "config": config,
     }
     results.write_metrics(config.out, metrics)
-    return metrics
-
-
-def _integer(name: str) -> Any:
-    """An argparse type: an integer of at least MINIMUMS[name]; anything else is a one-line usage error."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < MINIMUMS[name]:
-            raise argparse.ArgumentTypeError(f"must be at least {MINIMUMS[name]}, got {value}")
-        return value
-
-    return parse
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = Config()
-    parser.add_argument("--copies", type=_integer("copies"), default=defaults.copies, help="augmented copies on disk")
-    parser.add_argument("--steps", type=_integer("steps"), default=defaults.steps, help="train steps of each run")
-    parser.add_argument("--batch-size", type=_integer("batch_size"), default=defaults.batch_size)
-    parser.add_argument(
-        "--dataset",
-        default=defaults.dataset,
-        choices=data.IMAGE_DATASETS,
-        help="image source; auto takes TFDS mnist if prepared, else Debian's Fashion-MNIST, else digits",
-    )
-    parser.add_argument("--data-dir", default=None, help="folder of IDX files (idx), or TFDS's data dir (mnist, ...)")
-    parser.add_argument("--limit", type=_integer("limit"), default=None, help="use only the first N train/test images")
-    parser.add_argument("--workers", type=_integer("workers"), default=defaults.workers, help="grain processes")
-    parser.add_argument("--prefetch", type=_integer("prefetch"), default=defaults.prefetch, help="batches read ahead")
-    parser.add_argument("--records-per-shard", type=_integer("records_per_shard"), default=defaults.records_per_shard)
-    parser.add_argument("--seed", type=_integer("seed"), default=defaults.seed, help="augmentation, init, shuffling")
-    parser.add_argument("--out", default=defaults.out)
-    config = Config(**vars(parser.parse_args(argv)))
-    try:
-        images = load_images(config)
-    except (ValueError, data.DatasetUnavailableError) as e:
-        parser.error(str(e))
-    metrics = run(config, images)
     print(
         f"{config.copies} copies of {metrics['dataset']}: {metrics['num_examples']:,} images, "
         f"{metrics['dataset_bytes'] / 2**20:,.1f} MiB on disk; peak RSS {metrics['peak_rss_bytes'] / 2**20:,.0f} MiB "
         f"(process and {len(metrics['peak_rss_workers_bytes'])} workers); streaming "
         f"{metrics['samples_per_second']:,.0f} samples/s, in memory {metrics['in_memory_samples_per_second']:,.0f}; "
-        f"test accuracy {metrics['test_accuracy']:.4f} -> {config.out}/metrics.json"
+        f"test accuracy {metrics['test_accuracy']:.4f} -> {config.out}/metrics.json",
+        flush=True,
     )
     return metrics
 
 
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Flags -> Config -> run."""
+    parser = flags.parser(__doc__, Config())
+    return flags.execute(parser, run, flags.config(parser, Config, parser.parse_args(argv)))
+
+
 if __name__ == "__main__":
+    flags.setup_logging()
     main()

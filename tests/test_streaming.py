@@ -357,7 +357,11 @@ def test_the_experiment_writes_its_metrics(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flag, message", [("--copies=0", "argument --copies: must be at least 1"), ("--steps=x", "expected an integer")]
+    "flag, message",
+    [
+        ("--copies=0", "argument --copies: must be a positive integer"),
+        ("--steps=x", "argument --steps: must be an integer"),
+    ],
 )
 def test_the_experiment_rejects_a_bad_flag_with_one_error_line(flag, message, capsys):
     with pytest.raises(SystemExit) as exit_:
