@@ -20,7 +20,7 @@ from flaxlesson import data, results, streaming
 log = logging.getLogger(__name__)
 
 # One record per group: a random read then decompresses only its record (grain's advice for random access).
-DEFAULT_OPTIONS = "group_size:1"
+DEFAULT_OPTIONS = "group_size:1,uncompressed"
 DEFAULT_RECORDS_PER_SHARD = 10_000
 
 

@@ -37,6 +37,13 @@ class ArraySource:
         arrays = {"x": x} if y is None else {"x": x, "y": y}
         self.data = strategy.replicate(arrays) if resident else None
 
+    def example_input(self, batch_size: int) -> Batch:
+        """One step's input of the right shapes (the first unshuffled step's): what a compile needs."""
+        return next(self.epoch_inputs(batch_size))
+
+    def close(self) -> None:
+        """Nothing to end: arrays hold no open reader."""
+
     def epoch_inputs(self, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = False) -> Iterator[Batch]:
         """This process's input of each step of epoch `epoch`, shuffled by `default_rng([seed, epoch])` if asked."""
         rng = np.random.default_rng([seed, epoch]) if shuffle else None
@@ -80,27 +87,56 @@ class StreamSource:
     """A `streaming.StreamingDataset` as a batch source: host batches read (and decoded by grain) as they are needed.
 
     Its epochs are `ArraySource`'s over the same data in memory, batch for batch, so a streamed fit ends with the
-    params of an in-memory one.
+    params of an in-memory one. One grain iterator serves consecutive whole epochs (`epochs` of them), so its
+    worker processes start once per fit, not once per epoch; `close` ends it.
     """
 
     data = None
 
-    def __init__(self, dataset: Streamable, strategy: parallel.Strategy):
-        self.dataset, self.strategy = dataset, strategy
+    def __init__(self, dataset: Streamable, strategy: parallel.Strategy, *, epochs: int = 1):
+        self.dataset, self.strategy, self.epochs = dataset, strategy, epochs
         self.num_examples = dataset.num_examples
+        self._open: tuple[Any, tuple, int, int] | None = None  # iterator, layout, next epoch, end epoch
+
+    def example_input(self, batch_size: int) -> Batch:
+        """One step's input of the right shapes (its first rows), read directly: what a compile needs."""
+        size = batching.padded_size(batch_size, self.strategy.num_replicas) // self.strategy.process_count
+        return {**self.dataset.take(np.arange(size) % self.num_examples), "mask": np.ones(size, np.float32)}
 
     def epoch_inputs(self, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = False) -> Iterator[Batch]:
         """This process's batch of each step of epoch `epoch`, shuffled as `ArraySource` shuffles."""
-        with self.dataset.batches(
-            batch_size,
-            seed=seed,
-            epoch=epoch,
-            shuffle=shuffle,
-            pad_multiple=self.strategy.num_replicas,
-            process_index=self.strategy.process_index,
-            process_count=self.strategy.process_count,
-        ) as batches:
-            yield from batches
+        layout = (batch_size, seed, shuffle)
+        if self._open is None or self._open[1:3] != (layout, epoch):
+            self.close()
+            iterator = self.dataset.batches(
+                batch_size,
+                seed=seed,
+                epoch=epoch,
+                shuffle=shuffle,
+                num_epochs=self.epochs,
+                pad_multiple=self.strategy.num_replicas,
+                process_index=self.strategy.process_index,
+                process_count=self.strategy.process_count,
+            )
+            self._open = (iterator, layout, epoch, epoch + self.epochs)
+        iterator, end = self._open[0], self._open[3]
+        steps, done = num_steps(self.num_examples, batch_size), 0
+        try:
+            for _ in range(steps):
+                yield next(iterator)
+                done += 1
+        finally:
+            # A whole epoch leaves the iterator at the next one; an epoch cut short leaves it nowhere useful.
+            if done == steps and epoch + 1 < end:
+                self._open = (iterator, layout, epoch + 1, end)
+            else:
+                self.close()
+
+    def close(self) -> None:
+        """End the grain iterator (and its worker processes), if one is open."""
+        if self._open is not None:
+            self._open[0].close()
+            self._open = None
 
 
 def fits_on_device(x: Any, y: Any, strategy: parallel.Strategy, share: float = RESIDENT_SHARE) -> bool:

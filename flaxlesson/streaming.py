@@ -178,9 +178,17 @@ class ShardReader:
         for file, count in zip(self.files, self.counts):
             _check_shard(file, count, self.fields)
         self._ends = np.cumsum(self.counts)
-        self._source = grain.sources.ArrayRecordDataSource(
-            [f"{file}[0:{count}]" for file, count in zip(self.files, self.counts)]
-        )
+        self._open: tuple[int, list] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": None}
+
+    def _readers(self) -> list:
+        """This process's readers of the shards, opened on first use (each grain worker opens its own)."""
+        if self._open is None or self._open[0] != os.getpid():
+            options = "readahead_buffer_size:0"
+            self._open = (os.getpid(), [array_record_module.ArrayRecordReader(str(f), options) for f in self.files])
+        return self._open[1]
 
     def __len__(self) -> int:
         return int(self._ends[-1])
@@ -192,13 +200,22 @@ class ShardReader:
 
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """The records at `indices`, decoded and stacked; a ShardError names the file of a record that does not fit."""
-        indices = [int(i) for i in indices]
+        indices = np.asarray(indices, np.int64).reshape(-1)
+        shards = np.searchsorted(self._ends, indices, side="right")
+        raws: list[bytes] = [b""] * len(indices)
+        for shard in np.unique(shards):
+            # One sorted, batched read per shard: ArrayRecord reads the records in C++, in file order.
+            where = np.flatnonzero(shards == shard)
+            positions = indices[where] - int(self._ends[shard] - self.counts[shard])
+            order = np.argsort(positions, kind="stable")
+            for k, raw in zip(where[order], self._readers()[shard].read(positions[order].tolist()), strict=True):
+                raws[k] = raw
         examples = []
-        for index, raw in zip(indices, self._source.__getitems__(indices)):
+        for index, raw in zip(indices, raws, strict=True):
             try:
                 examples.append(decode_record(raw, self.fields))
             except ValueError as e:
-                file, position = self.where(index)
+                file, position = self.where(int(index))
                 raise ShardError(f"{file}: record {position} {e}") from e
         return _stack(examples, self.fields)
 

@@ -159,13 +159,13 @@ class _Executor:
 
 
 def _source(
-    x: Any, y: np.ndarray | None, strategy: parallel.Strategy, data_on_device: bool | None
+    x: Any, y: np.ndarray | None, strategy: parallel.Strategy, data_on_device: bool | None, epochs: int = 1
 ) -> sources.ArraySource | sources.StreamSource:
-    """The batch source for (x, y): a stream as it is, arrays resident when asked or when they fit."""
+    """The batch source for (x, y): a stream read for `epochs` epochs, arrays resident when asked or when they fit."""
     if isinstance(x, sources.Streamable):
         if data_on_device:
             raise ValueError("data_on_device: a streaming dataset is read from the host as it trains")
-        return sources.StreamSource(x, strategy)
+        return sources.StreamSource(x, strategy, epochs=epochs)
     resident = sources.fits_on_device(x, y, strategy) if data_on_device is None else bool(data_on_device)
     return sources.ArraySource(x, y, strategy, resident=resident)
 
@@ -269,7 +269,7 @@ def fit(
         _check_data(state, *validation_data)
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose
     strategy = parallel.get_strategy(strategy)
-    source = _source(x, y, strategy, data_on_device)
+    source = _source(x, y, strategy, data_on_device, epochs - initial_epoch)
     total_steps = sources.num_steps(source.num_examples, batch_size)
     if steps_per_epoch is not None:
         total_steps = min(total_steps, steps_per_epoch)
@@ -283,9 +283,7 @@ def fit(
     )
     state = strategy.replicate(state)
     key = strategy.replicate(jax.random.key(seed))
-    first_calls = executor.calls(source.epoch_inputs(batch_size))
-    first, count, _ = next(first_calls)
-    first_calls.close()
+    first, count, _ = next(executor.calls(iter([source.example_input(batch_size)])))
     start = time.perf_counter()
     train_call = train_call.lower(state, strategy.replicate(zero_totals()), key, source.data, first, count).compile()
     history = History(compile_seconds=time.perf_counter() - start)
@@ -298,7 +296,7 @@ def fit(
         val_k = sources.steps_per_call(steps_per_execution, sources.num_steps(val_source.num_examples, batch_size))
 
     logs: dict[str, float] = {}
-    with _stop_requests() as stop:
+    with _stop_requests() as stop, contextlib.closing(source):
         for callback in callbacks:
             callback.on_train_begin(strategy.unreplicate(state))
         for epoch in range(initial_epoch, epochs):
