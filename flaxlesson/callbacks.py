@@ -4,6 +4,12 @@ A hook gets the train state as the fit has it at that point (valid until the fit
 its buffers); `on_train_batch_end`, `on_epoch_end` and `on_train_end` may return a new state (restored weights,
 another learning rate), which the fit then trains on or returns. Setting `stop_training` ends the fit cleanly
 after the current call: it returns its state and the epochs that finished.
+
+Keras's own callbacks, with Keras 3's arguments, defaults and decisions (read from keras/src/callbacks/):
+`EarlyStopping`, `ReduceLROnPlateau`, `TerminateOnNaN`, `CSVLogger` and `TensorBoard` (event files written by
+tensorboardX, no TensorFlow). Where they differ from Keras, it is to fail clearly: an unknown `mode` raises at
+construction (Keras warns and falls back to 'auto'), and a monitor missing from the logs raises at the epoch end
+that lacks it, naming the logs there are (Keras warns and skips the epoch).
 """
 
 import csv
