@@ -2,12 +2,15 @@
 
 python experiments/cnn_mnist.py --dataset auto --out runs/cnn_mnist
 python experiments/cnn_mnist.py --dataset idx --data-dir /usr/share/datasets/fashion-mnist --out runs/cnn_fmnist
+python experiments/cnn_mnist.py --labels one-hot      # the lesson as written: to_categorical + categorical_crossentropy
+python experiments/cnn_mnist.py --dtype bfloat16      # Keras's mixed_bfloat16: bfloat16 compute, float32 params
 """
 
 import dataclasses
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import sklearn.metrics
 
@@ -16,6 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from experiments import flags  # noqa: E402
 from flaxlesson import augment, checkpoint, data, models, plots, results, training  # noqa: E402
 
+LABELS = {"sparse": "sparse_categorical_crossentropy", "one-hot": "categorical_crossentropy"}
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+
 
 @dataclasses.dataclass(frozen=True)
 class Config(flags.Config):
@@ -23,6 +29,15 @@ class Config(flags.Config):
 
     FLAGS = {
         "augment": flags.Flag("augment every training batch on the device with the lesson's ImageDataGenerator", None),
+        "labels": flags.Flag(
+            "sparse: class indices + sparse_categorical_crossentropy; one-hot: the lesson's to_categorical + "
+            "categorical_crossentropy",
+            choices=tuple(LABELS),
+        ),
+        "dtype": flags.Flag(
+            "the layers' computation dtype; bfloat16 is Keras's mixed_bfloat16 (params, optimiser and loss float32)",
+            choices=tuple(DTYPES),
+        ),
     }
 
     dataset: str = "auto"
@@ -33,6 +48,8 @@ class Config(flags.Config):
     validation_split: float = 0.1
     strategy: str = "single"
     augment: bool = False
+    labels: str = "sparse"
+    dtype: str = "float32"
     limit: int | None = None
     seed: int = 0
     checkpoint_dir: str | None = None
@@ -62,8 +79,13 @@ def run(config: Config) -> dict:
         flush=True,
     )
 
-    model = models.CNN(num_classes=images.num_classes)
-    state = training.create_train_state(model, images.x_train[:1], seed=config.seed)
+    model = models.CNN(num_classes=images.num_classes, dtype=DTYPES[config.dtype])
+    loss = LABELS[config.labels]
+    y_train, y_test = images.y_train, images.y_test
+    if config.labels == "one-hot":
+        y_train = data.to_categorical(images.y_train, images.num_classes)
+        y_test = data.to_categorical(images.y_test, images.num_classes)
+    state = training.create_train_state(model, images.x_train[:1], seed=config.seed, loss=loss)
     try:
         state, initial_epoch, callbacks = checkpoint.resume_or_start(
             config.checkpoint_dir, state, resume=config.resume, strategy=config.strategy
@@ -73,7 +95,7 @@ def run(config: Config) -> dict:
     state, history = training.fit(
         state,
         images.x_train,
-        images.y_train,
+        y_train,
         epochs=config.epochs,
         batch_size=config.batch_size,
         steps_per_execution=config.steps_per_execution,
@@ -84,7 +106,7 @@ def run(config: Config) -> dict:
         callbacks=callbacks,
         augment=augment.LESSON_GENERATOR if config.augment else None,
     )
-    test = training.evaluate(state, images.x_test, images.y_test, strategy=config.strategy)
+    test = training.evaluate(state, images.x_test, y_test, strategy=config.strategy)
     y_pred = training.predict(state, images.x_test, strategy=config.strategy).argmax(axis=1)
     matrix = sklearn.metrics.confusion_matrix(images.y_test, y_pred, labels=np.arange(images.num_classes))
 

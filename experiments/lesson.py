@@ -5,18 +5,26 @@
     python experiments/lesson.py --keras-python /tmp/keras-ref/bin/python   # and the lesson's Keras code beside it
 
 Each section runs as its own process (a crash in one cannot take the others down) and writes into
-`OUT/<section>/`; `OUT/report.md` is rewritten after every section, so an interrupted run keeps what finished.
-The exit status is non-zero when any section failed.
+`OUT/<section>/`; `OUT/report.md` and `OUT/report.html` (the same report as one self-contained page, plots
+inline) are rewritten after every section, so an interrupted run keeps what finished. Each section's report
+shows its model's `summary.summary` table beside Keras's `model.summary()` total. The exit status is non-zero
+when any section failed.
 """
 
+import base64
 import dataclasses
+import html
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,6 +38,7 @@ from experiments import (  # noqa: E402
     mlp_iris,
     rnn_sequences,
 )
+from flaxlesson import models, summary  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +54,16 @@ class Section:
     figures: tuple[str, ...]
     keras_result: str = ""
     env: tuple[tuple[str, str], ...] = ()
+    model: Callable[[Any], tuple[Any, Any]] | None = None
+    keras_params: int | None = None
+
+
+def _rnn(config: Any, num_classes: int, steps: int, features: int) -> tuple[models.SimpleRNNClassifier, np.ndarray]:
+    """The section's SimpleRNN classifier and a sample of its input shape (batch, steps[, features])."""
+    model = models.SimpleRNNClassifier(
+        units=config.units, num_classes=num_classes, activation=rnn_sequences.ACTIVATIONS[config.activation]
+    )
+    return model, np.zeros((1, steps, features) if features > 1 else (1, steps), np.float32)
 
 
 SECTIONS = (
@@ -69,6 +88,8 @@ SECTIONS = (
             "train_samples_per_second",
         ),
         keras_result="mlp",
+        model=lambda config: (models.MLP(num_classes=3), np.zeros((1, 4), np.float32)),
+        keras_params=193,
     ),
     Section(
         key="cnn_mnist",
@@ -87,6 +108,11 @@ SECTIONS = (
         "result = training.evaluate(state, images.x_test, images.y_test)",
         figures=("dataset", "test_accuracy", "train_samples_per_second", "compile_seconds"),
         keras_result="cnn",
+        model=lambda config: (
+            models.CNN(num_classes=10, dtype=cnn_mnist.DTYPES[config.dtype]),
+            np.zeros((1, 28, 28, 1), np.float32),
+        ),
+        keras_params=225_034,
     ),
     Section(
         key="rnn_lesson",
@@ -103,6 +129,8 @@ SECTIONS = (
         "state, history = training.fit(state, x, y, epochs=10, batch_size=1)",
         figures=("padded_x", "predictions", "train_accuracy", "train_seconds"),
         keras_result="rnn",
+        model=lambda config: _rnn(config, num_classes=1, steps=5, features=1),
+        keras_params=2_651,
     ),
     Section(
         key="rnn_rows",
@@ -113,6 +141,7 @@ SECTIONS = (
         jax="x = {'x': padded_rows, 'seq_lengths': lengths}   # nn.RNN(nn.SimpleCell(128), ...)(x, seq_lengths)\n"
         "state, history = training.fit(state, x, y, epochs=10, batch_size=32, validation_split=0.1)",
         figures=("dataset", "test_accuracy", "train_samples_per_second", "masking"),
+        model=lambda config: _rnn(config, num_classes=10, steps=28, features=28),
     ),
     Section(
         key="augmentation",
@@ -151,6 +180,11 @@ SECTIONS = (
         ),
         keras_result="dist",
         env=(("XLA_FLAGS", "--xla_force_host_platform_device_count=8"),),
+        model=lambda config: (
+            distributed.lesson_model(config.classes),
+            np.zeros((1, config.features), np.float32),
+        ),
+        keras_params=55_050,
     ),
 )
 
@@ -200,7 +234,15 @@ def run_section(section: Section, out: Path, quick: bool) -> dict:
         "metrics": metrics,
         "error": "" if code == 0 else "\n".join(tail),
         "plots": sorted(p.name for p in folder.glob("*.png")),
+        "summary": model_summary(section, config),
     }
+
+
+def model_summary(section: Section, config: Any) -> dict | None:
+    """The section's model as `summary.summary` tabulates it (JSON-ready), or None for a section without one."""
+    if section.model is None:
+        return None
+    return summary.summary(*section.model(config)).as_dict()
 
 
 def _has_accelerator() -> bool:
@@ -217,8 +259,8 @@ def _figure(value) -> str:
     return json.dumps(value)
 
 
-def _figure_rows(metrics: dict, keys: tuple[str, ...]) -> list[str]:
-    """Table rows for the chosen figures; a dict becomes one row per entry (`masking.with...`), curves left out."""
+def _figure_rows(metrics: dict, keys: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(figure, value) rows of the chosen figures; a dict gives a row per entry (`masking.with...`), curves left out."""
     rows = []
     for key in keys:
         if key not in metrics:
@@ -228,7 +270,7 @@ def _figure_rows(metrics: dict, keys: tuple[str, ...]) -> list[str]:
             inner = {f"{key}.{k}": v for k, v in value.items() if k != "history"}
             rows += _figure_rows(inner, tuple(inner))
         else:
-            rows.append(f"| {key} | {_figure(value)} |")
+            rows.append((key, _figure(value)))
     return rows
 
 
@@ -239,61 +281,177 @@ def _status(result: dict, emphasis: str = "") -> str:
     return f"{emphasis}{'interrupted' if result['interrupted'] else 'FAILED'}{emphasis}"
 
 
-def write_report(out: Path, results: dict[str, dict], keras: keras_reference.KerasRun | None, quick: bool) -> Path:
-    """`out/report.md`: per section the Keras call, its JAX/Flax replacement, figures, plots and seconds."""
-    lines = [
-        "# The lesson, run end to end" + (" (quick settings)" if quick else ""),
-        "",
-        "Each section: the Keras code it replaces, the JAX/Flax code that replaced it, its figures and plots.",
-        "Figures come from each section's `metrics.json`; the command re-runs that section alone.",
-        "",
+def _summary_blocks(section: Section, model: dict | None) -> list[tuple]:
+    """The model's summary table, and its total beside Keras's `model.summary()` total for the lesson's model."""
+    if model is None:
+        return []
+    total = model["total_params"]
+    if section.keras_params is None:
+        said = f"{total:,} params (the lesson has no Keras model for this section)."
+    else:
+        same = "the same" if total == section.keras_params else "another count: these settings differ from the lesson's"
+        said = f"{total:,} params; Keras's `model.summary()` of the lesson's model: {section.keras_params:,} ({same})."
+    rows = [(f"{r['name']} ({r['type']})", r["output_shape"], f"{r['params']:,}") for r in model["rows"]]
+    return [
+        ("p", f"Model `{model['model']}` as `summary.summary` tabulates it: {said}"),
+        ("table", ("layer (type)", "output shape", "params"), rows + [("**total**", "", f"**{total:,}**")]),
     ]
-    lines += ["| section | status | seconds |", "| --- | --- | --- |"]
-    for section in SECTIONS:
-        if section.key in results:
-            r = results[section.key]
-            lines.append(f"| [{section.title}](#{section.key}) | {_status(r, '**')} | {r['seconds']:.1f} |")
-    for section in SECTIONS:
-        if section.key not in results:
-            continue
+
+
+def report_blocks(results: dict[str, dict], keras: keras_reference.KerasRun | None, quick: bool) -> list[tuple]:
+    """The report as blocks, which render as Markdown and as HTML.
+
+    Blocks: ('h1'|'h2', text, anchor), ('p', text), ('code', text, language), ('table', header, rows), ('image',
+    name, path relative to the report). Texts use Markdown's inline forms (`code`, **bold**, [link](#anchor)).
+    """
+    blocks: list[tuple] = [
+        ("h1", "The lesson, run end to end" + (" (quick settings)" if quick else ""), None),
+        (
+            "p",
+            "Each section: the Keras code it replaces, the JAX/Flax code that replaced it, its model, its figures "
+            "and plots. Figures come from each section's `metrics.json`; the command re-runs that section alone.",
+        ),
+    ]
+    ran = [section for section in SECTIONS if section.key in results]
+    blocks.append(
+        (
+            "table",
+            ("section", "status", "seconds"),
+            [
+                (f"[{s.title}](#{s.key})", _status(results[s.key], "**"), f"{results[s.key]['seconds']:.1f}")
+                for s in ran
+            ],
+        )
+    )
+    for section in ran:
         r = results[section.key]
-        lines += [
-            "",
-            f'<a id="{section.key}"></a>',
-            f"## {section.title}",
-            "",
-            f"`{r['command']}` ({r['seconds']:.1f} s, {_status(r)})",
-            "",
-            "Keras:",
-            "```python",
-            section.keras,
-            "```",
-            "JAX/Flax:",
-            "```python",
-            section.jax,
-            "```",
+        blocks += [
+            ("h2", section.title, section.key),
+            ("p", f"`{r['command']}` ({r['seconds']:.1f} s, {_status(r)})"),
+            ("p", "Keras:"),
+            ("code", section.keras, "python"),
+            ("p", "JAX/Flax:"),
+            ("code", section.jax, "python"),
         ]
         if not r["ok"]:
-            lines += ["**This section failed.** The end of its output:", "```", r["error"], "```"]
+            blocks += [("p", "**This section failed.** The end of its output:"), ("code", r["error"], "")]
+        blocks += _summary_blocks(section, r.get("summary"))
         figures = _figure_rows(r["metrics"], section.figures)
         if figures:
-            lines += ["", "| figure | value |", "| --- | --- |"] + figures
+            blocks.append(("table", ("figure", "value"), figures))
         if keras is not None and section.keras_result in keras.lines:
-            lines += [
-                "",
-                "Keras reference, same machine, same sitting:",
-                "```",
-                keras.lines[section.keras_result],
-                "```",
+            blocks += [
+                ("p", "Keras reference, same machine, same sitting:"),
+                ("code", keras.lines[section.keras_result], ""),
             ]
-        lines += [f"\n![{name}]({section.key}/{name})" for name in r["plots"]]
+        blocks += [("image", name, f"{section.key}/{name}") for name in r["plots"]]
     if keras is not None and keras.errors:
-        lines += ["", "## Keras reference errors", "```", keras.errors, "```"]
-    path = out / "report.md"
+        blocks += [("h2", "Keras reference errors", None), ("code", keras.errors, "")]
+    return blocks
+
+
+def _markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def render_markdown(blocks: list[tuple]) -> str:
+    """The report's blocks as Markdown."""
+    parts = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2"):
+            text, anchor = rest
+            heading = ("# " if kind == "h1" else "## ") + text
+            parts.append(f'<a id="{anchor}"></a>\n{heading}' if anchor else heading)
+        elif kind == "p":
+            parts.append(rest[0])
+        elif kind == "code":
+            text, language = rest
+            parts.append(f"```{language}\n{text}\n```")
+        elif kind == "table":
+            parts.append(_markdown_table(*rest))
+        elif kind == "image":
+            parts.append(f"![{rest[0]}]({rest[1]})")
+    return "\n\n".join(parts) + "\n"
+
+
+_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+pre { background: #f5f5f5; padding: 0.8em; overflow-x: auto; border-radius: 4px; }
+code { font-family: ui-monospace, monospace; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 0.8em 0; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; }
+th { background: #eee; }
+img { max-width: 100%; border: 1px solid #ddd; }
+figure { margin: 1em 0; }
+figcaption { color: #666; font-size: 0.85em; }
+"""
+
+
+def _inline_html(text: str) -> str:
+    """Markdown's inline forms used in the report (`code`, **bold**, [text](#anchor)) as HTML, the rest escaped."""
+    parts = text.split("`")
+    for i, part in enumerate(parts):
+        part = html.escape(part)
+        if i % 2:
+            parts[i] = f"<code>{part}</code>"
+        else:
+            parts[i] = _LINK.sub(r'<a href="\2">\1</a>', _BOLD.sub(r"<strong>\1</strong>", part))
+    return "".join(parts)
+
+
+def render_html(blocks: list[tuple], folder: Path) -> str:
+    """The report's blocks as one self-contained HTML page: the plots (read from `folder`) inline as base64 PNGs."""
+    title = next(rest[0] for kind, *rest in blocks if kind == "h1")
+    body = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2"):
+            text, anchor = rest
+            attribute = f' id="{anchor}"' if anchor else ""
+            body.append(f"<{kind}{attribute}>{html.escape(text)}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{_inline_html(rest[0])}</p>")
+        elif kind == "code":
+            body.append(f"<pre><code>{html.escape(rest[0])}</code></pre>")
+        elif kind == "table":
+            header, rows = rest
+            head = "".join(f"<th>{_inline_html(cell)}</th>" for cell in header)
+            cells = ["".join(f"<td>{_inline_html(cell)}</td>" for cell in row) for row in rows]
+            body.append(f"<table><tr>{head}</tr>" + "".join(f"<tr>{row}</tr>" for row in cells) + "</table>")
+        elif kind == "image":
+            name, relative = rest
+            path = folder / relative
+            if path.exists():
+                data = base64.b64encode(path.read_bytes()).decode("ascii")
+                body.append(
+                    f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(name)}">'
+                    f"<figcaption>{html.escape(relative)}</figcaption></figure>"
+                )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
+        f"<style>{_STYLE}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
+    )
+
+
+def _write(path: Path, text: str) -> None:
+    """Replace `path` with `text` at once, so a reader never sees half a report."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text(text)
     tmp.replace(path)
-    return path
+
+
+def write_report(out: Path, results: dict[str, dict], keras: keras_reference.KerasRun | None, quick: bool) -> Path:
+    """`out/report.md` and `out/report.html`, the same report; returns the Markdown one's path.
+
+    Per section: the Keras call, its JAX/Flax replacement, the model's summary, figures, plots and seconds.
+    """
+    blocks = report_blocks(results, keras, quick)
+    _write(out / "report.md", render_markdown(blocks))
+    _write(out / "report.html", render_html(blocks, out))
+    return out / "report.md"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -110,3 +110,32 @@ def iterate_batches(
         if y is not None:
             batch["y"] = y[rows]
         yield batch
+
+
+def to_categorical(y: Any, num_classes: int | None = None) -> np.ndarray:
+    """Keras's `to_categorical`: class indices as one-hot rows, for loss 'categorical_crossentropy'.
+
+    As Keras: a trailing axis of size 1 is dropped, `num_classes` defaults to max(y) + 1 and the class axis is
+    last. Unlike Keras (float64) the rows are float32, the dtype the model computes in; indices outside
+    [0, num_classes) raise instead of wrapping or failing deep in numpy.
+    """
+    y = np.asarray(y)
+    if y.dtype.kind not in "biuf" or y.dtype.kind == "b":
+        raise ValueError(f"y: class indices must be integers, got dtype {y.dtype}")
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
+        raise ValueError("y: class indices must be whole numbers, got non-integer values")
+    shape = y.shape[:-1] if y.ndim > 1 and y.shape[-1] == 1 else y.shape
+    flat = y.reshape(-1).astype(np.int64)
+    if num_classes is None:
+        if flat.size == 0:
+            raise ValueError("num_classes: cannot be inferred from empty labels; pass it")
+        num_classes = int(flat.max()) + 1
+    num_classes = checks.positive_int("num_classes", num_classes)
+    if flat.size and (flat.min() < 0 or flat.max() >= num_classes):
+        raise ValueError(
+            f"y: class indices must lie in [0, {num_classes}) for num_classes={num_classes}, "
+            f"got values from {flat.min()} to {flat.max()}"
+        )
+    categorical = np.zeros((flat.size, num_classes), np.float32)
+    categorical[np.arange(flat.size), flat] = 1
+    return categorical.reshape(*shape, num_classes)

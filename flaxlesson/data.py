@@ -1,10 +1,18 @@
 """The data layer's public face: `data.X` for everything a lesson script reads, wherever it lives.
 
-`batching` holds the one batch iterator and Keras's validation split, `datasets` the sources (Iris, images),
-`sequences` Keras's `pad_sequences`. This module only gathers their public names.
+`batching` holds the one batch iterator, Keras's validation split and `to_categorical`, `datasets` the sources
+(Iris, images), `sequences` Keras's `pad_sequences`. This module only gathers their public names.
 """
 
-from flaxlesson.batching import Batch, iterate_batches, num_examples, padded_size, take, train_validation_split
+from flaxlesson.batching import (
+    Batch,
+    iterate_batches,
+    num_examples,
+    padded_size,
+    take,
+    to_categorical,
+    train_validation_split,
+)
 from flaxlesson.datasets import (
     DEBIAN_FASHION_MNIST,
     FASHION_MNIST_CLASSES,
@@ -50,5 +58,6 @@ __all__ = [
     "read_idx",
     "take",
     "tfds_prepared",
+    "to_categorical",
     "train_validation_split",
 ]

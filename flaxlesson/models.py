@@ -3,6 +3,10 @@
 Every model returns logits; `training.predict` turns them into the probabilities Keras's softmax or sigmoid
 output layer would give. Keras initialises Dense and Conv2D kernels glorot_uniform and biases to zero, so the
 same is done here to keep accuracy comparable.
+
+Every model takes `dtype`, the computation dtype, as Flax's layers do: `jnp.bfloat16` is Keras's
+`mixed_bfloat16` policy (layers compute in bfloat16, params stay float32, and `steps.forward` casts the logits
+to float32 before the loss, so the loss, gradients and optimiser state stay float32). None computes in float32.
 """
 
 from collections.abc import Callable, Sequence
@@ -41,12 +45,13 @@ class MLP(nn.Module):
 
     hidden: Sequence[int] = (10, 10)
     num_classes: int = 3
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for width in self.hidden:
-            x = nn.relu(Dense(width)(x))
-        return Dense(self.num_classes)(x)
+            x = nn.relu(Dense(width, dtype=self.dtype)(x))
+        return Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 class CNN(nn.Module):
@@ -61,6 +66,7 @@ class CNN(nn.Module):
     dense: int = 128
     num_classes: int = 10
     fast: bool = True
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -77,13 +83,13 @@ class CNN(nn.Module):
                     f"for the CNN's {len(self.features)} conv 3x3 + pool 2x2 stages"
                 )
             if self.fast:
-                x = layers.ConvMaxPool(features, (3, 3), name=f"Conv_{i}")(x)
+                x = layers.ConvMaxPool(features, (3, 3), dtype=self.dtype, name=f"Conv_{i}")(x)
             else:
-                x = nn.relu(Conv(features, (3, 3), name=f"Conv_{i}")(x))
+                x = nn.relu(Conv(features, (3, 3), dtype=self.dtype, name=f"Conv_{i}")(x))
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
-        x = nn.relu(Dense(self.dense)(x))
-        return Dense(self.num_classes)(x)
+        x = nn.relu(Dense(self.dense, dtype=self.dtype)(x))
+        return Dense(self.num_classes, dtype=self.dtype)(x)
 
 
 def _concrete(value: Any) -> bool:
@@ -139,6 +145,7 @@ class SimpleRNNClassifier(nn.Module):
     units: int = 50
     num_classes: int = 1
     activation: Callable[[jax.Array], jax.Array] = nn.relu
+    dtype: Any = None
 
     @nn.nowrap
     def check_inputs(self, x: Any, seq_lengths: Any = None) -> None:
@@ -148,7 +155,7 @@ class SimpleRNNClassifier(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, seq_lengths: jax.Array | None = None) -> jax.Array:
         check_sequence_inputs(x, seq_lengths)
-        x = jnp.asarray(x, jnp.float32)
+        x = jnp.asarray(x, self.dtype or jnp.float32)
         if x.ndim == 2:
             x = x[..., None]
         cell = nn.SimpleCell(
@@ -157,6 +164,9 @@ class SimpleRNNClassifier(nn.Module):
             kernel_init=glorot_uniform,
             recurrent_kernel_init=orthogonal,
             bias_init=nn.initializers.zeros,
+            dtype=self.dtype,
         )
-        last, _ = nn.RNN(cell, return_carry=True)(x, seq_lengths=seq_lengths)
-        return Dense(self.num_classes)(last)
+        # Keras's zero initial state, in the computation dtype (the cell's own would be float32, its param dtype).
+        initial = jnp.zeros((x.shape[0], self.units), x.dtype)
+        last, _ = nn.RNN(cell, return_carry=True)(x, initial_carry=initial, seq_lengths=seq_lengths)
+        return Dense(self.num_classes, dtype=self.dtype)(last)

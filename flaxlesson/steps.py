@@ -1,6 +1,8 @@
 """The pure training core: losses as Keras names them, `TrainState`, and the step builders.
 
-Models return logits. A loss name (Keras's) picks the per-example loss, the accuracy and the output activation.
+Models return logits. A loss name (Keras's) picks the per-example loss, the accuracy and the output activation:
+'sparse_categorical_crossentropy' takes class indices, 'categorical_crossentropy' one-hot or soft label rows
+(Keras's `to_categorical`), 'binary_crossentropy' one logit per sample.
 The steps are pure functions of (state, running totals, batch); a strategy from `parallel` compiles them and
 places their inputs, so the same step serves one device, a sharded mesh and pmap. Batches have one fixed size
 and a mask, so the last partial batch trains without a second compile. `scan_steps` runs several steps as one
@@ -52,6 +54,27 @@ def _check_binary_labels(y: np.ndarray, num_outputs: int) -> None:
         raise ValueError(f"y: binary labels must lie in [0, 1], got values from {np.min(y)} to {np.max(y)}")
 
 
+def _check_categorical_labels(y: np.ndarray, num_classes: int) -> None:
+    if y.ndim != 2:
+        raise ValueError(
+            f"y: categorical_crossentropy needs one-hot or soft labels of shape (samples, classes), got shape "
+            f"{y.shape}; turn class indices into one-hot rows with data.to_categorical, or use "
+            f"loss='sparse_categorical_crossentropy'"
+        )
+    if y.shape[1] != num_classes:
+        raise ValueError(
+            f"y: labels are {y.shape[1]} wide but the model has {num_classes} outputs; "
+            f"pass num_classes={num_classes} to data.to_categorical"
+        )
+    if not (np.issubdtype(y.dtype, np.floating) or np.issubdtype(y.dtype, np.integer)):
+        raise ValueError(f"y: categorical_crossentropy needs numeric labels, got dtype {y.dtype}")
+
+
+def _categorical_correct(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """Keras's categorical accuracy: the labels' argmax equals the logits' argmax (first index on ties)."""
+    return (jnp.argmax(logits, -1) == jnp.argmax(y, -1)).astype(jnp.float32)
+
+
 def _binary_per_example(logits: jax.Array, y: jax.Array) -> jax.Array:
     """Sigmoid crossentropy of one logit per sample, shape (batch,), for labels of shape (batch,) or (batch, 1)."""
     return optax.sigmoid_binary_cross_entropy(logits.reshape(y.shape[0]), y.reshape(y.shape[0]))
@@ -68,6 +91,12 @@ LOSSES: dict[str, Loss] = {
         correct=lambda logits, y: (jnp.argmax(logits, -1) == y).astype(jnp.float32),
         probabilities=nn.softmax,
         check_labels=_check_class_labels,
+    ),
+    "categorical_crossentropy": Loss(
+        per_example=optax.softmax_cross_entropy,
+        correct=_categorical_correct,
+        probabilities=nn.softmax,
+        check_labels=_check_categorical_labels,
     ),
     "binary_crossentropy": Loss(
         per_example=_binary_per_example,
@@ -154,8 +183,13 @@ def apply_inputs(fn: Callable, x: Any) -> Any:
 
 
 def forward(state: TrainState, params: Any, x: Any) -> jax.Array:
-    """The model's logits for inputs `x` (see `apply_inputs`) under `params`."""
-    return apply_inputs(lambda inputs, **kw: state.apply_fn({"params": params}, inputs, **kw), x)
+    """The model's logits for inputs `x` (see `apply_inputs`) under `params`, in at least float32.
+
+    A model that computes in bfloat16 (Keras's `mixed_bfloat16`) gives bfloat16 logits; the loss, the accuracy
+    and the probabilities are taken in float32, as Keras's mixed precision keeps its softmax output in float32.
+    """
+    logits = apply_inputs(lambda inputs, **kw: state.apply_fn({"params": params}, inputs, **kw), x)
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
 
 
 def zero_totals() -> Totals:

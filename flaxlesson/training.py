@@ -296,6 +296,8 @@ def fit(
         val_k = sources.steps_per_call(steps_per_execution, sources.num_steps(val_source.num_examples, batch_size))
 
     logs: dict[str, float] = {}
+    for callback in callbacks:
+        callback.set_params({"epochs": epochs, "steps": total_steps, "samples": n, "verbose": verbose})
     with _stop_requests() as stop, contextlib.closing(source):
         for callback in callbacks:
             callback.on_train_begin(strategy.unreplicate(state))

@@ -4,12 +4,14 @@ import sys
 import pytest
 
 from experiments import cnn_mnist, flags, lesson
+from flaxlesson import plots, training
 
 
 def test_quick_lesson_runs_every_section_into_one_report(tmp_path):
     results = lesson.run(lesson.Config(out=str(tmp_path), quick=True))["sections"]
     assert all(r["ok"] for r in results.values())
     report = (tmp_path / "report.md").read_text()
+    assert (tmp_path / "report.html").read_text().count("data:image/png;base64,") >= len(lesson.SECTIONS)
     for section in lesson.SECTIONS:
         assert (tmp_path / section.key / "metrics.json").exists()
         assert (tmp_path / section.key / "log.txt").stat().st_size > 0
@@ -38,3 +40,48 @@ def test_each_sections_configs_go_to_its_script_as_flags_that_parse_back(section
     for config in (section.full, section.quick):
         parser = flags.parser(module.__doc__, type(config)())
         assert flags.config(parser, type(config), parser.parse_args(flags.to_argv(config))) == config
+
+
+def _section_result(tmp_path, section):
+    folder = tmp_path / section.key
+    folder.mkdir()
+    history = training.History(history={"loss": [1.0, 0.5], "accuracy": [0.5, 0.75]}, epoch=[0, 1])
+    plots.history_curves(history, folder / "curves.png")
+    return {
+        "ok": True,
+        "interrupted": False,
+        "seconds": 1.5,
+        "command": f"experiments/{section.key}.py --quick",
+        "metrics": {"test_accuracy": 0.875},
+        "error": "",
+        "plots": ["curves.png"],
+        "summary": lesson.model_summary(section, section.full),
+    }
+
+
+def test_the_report_shows_each_models_summary_beside_keras_count(tmp_path):
+    sections = {s.key: s for s in lesson.SECTIONS}
+    results = {key: _section_result(tmp_path, sections[key]) for key in ("cnn_mnist", "augmentation")}
+    report = lesson.write_report(tmp_path, results, None, quick=False).read_text()
+    assert "| Conv_1 (ConvMaxPool) | (None, 5, 5, 64) | 18,496 |" in report
+    assert "| **total** |  | **225,034** |" in report
+    assert "225,034 params; Keras's `model.summary()` of the lesson's model: 225,034 (the same)" in report
+
+
+def test_each_lesson_model_has_keras_count_with_the_lessons_settings():
+    for section in lesson.SECTIONS:
+        model = lesson.model_summary(section, section.full)
+        if section.keras_params is not None:
+            assert model["total_params"] == section.keras_params, section.key
+
+
+def test_the_html_report_is_one_page_with_the_plots_inline(tmp_path):
+    sections = {s.key: s for s in lesson.SECTIONS}
+    results = {key: _section_result(tmp_path, sections[key]) for key in ("mlp_iris", "cnn_mnist")}
+    lesson.write_report(tmp_path, results, None, quick=True)
+    page = (tmp_path / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count('<img src="data:image/png;base64,') == 2
+    assert 'src="cnn_mnist' not in page and "<link" not in page
+    assert '<h2 id="cnn_mnist">2.1 A convolutional network on MNIST-style images</h2>' in page
+    assert '<a href="#cnn_mnist">' in page and "<td>225,034</td>" not in page and "<strong>225,034</strong>" in page
+    assert "<code>experiments/cnn_mnist.py --quick</code>" in page
