@@ -38,6 +38,7 @@ from experiments import (  # noqa: E402
     mlp_iris,
     rnn_sequences,
 )
+from experiments import streaming as streaming_experiment  # noqa: E402
 from flaxlesson import models, summary  # noqa: E402
 
 
@@ -70,7 +71,7 @@ SECTIONS = (
     Section(
         key="mlp_iris",
         title="1.1 A dense network on Iris",
-        full=mlp_iris.Config(seeds=5),
+        full=mlp_iris.Config(seeds=5, steps_per_execution="epoch"),
         quick=mlp_iris.Config.quick(),
         keras="model = Sequential([Dense(10, activation='relu'), Dense(10, activation='relu'),\n"
         "                    Dense(3, activation='softmax')])\n"
@@ -94,7 +95,7 @@ SECTIONS = (
     Section(
         key="cnn_mnist",
         title="2.1 A convolutional network on MNIST-style images",
-        full=cnn_mnist.Config(),
+        full=cnn_mnist.Config(steps_per_execution=64),
         quick=cnn_mnist.Config.quick(),
         keras="model = Sequential([Conv2D(32, (3, 3), activation='relu'), MaxPooling2D((2, 2)),\n"
         "                    Conv2D(64, (3, 3), activation='relu'), MaxPooling2D((2, 2)),\n"
@@ -117,7 +118,7 @@ SECTIONS = (
     Section(
         key="rnn_lesson",
         title="2.2 A SimpleRNN on padded sequences (the lesson's toy)",
-        full=rnn_sequences.LessonConfig(),
+        full=rnn_sequences.LessonConfig(steps_per_execution="epoch"),
         quick=rnn_sequences.LessonConfig.quick(),
         keras="X = pad_sequences(X, padding='post', maxlen=5)\n"
         "model = Sequential([SimpleRNN(50, activation='relu'), Dense(1, activation='sigmoid')])\n"
@@ -135,7 +136,7 @@ SECTIONS = (
     Section(
         key="rnn_rows",
         title="2.2 (further) Images read row by row: a real sequence task, and masking",
-        full=rnn_sequences.RowsConfig(),
+        full=rnn_sequences.RowsConfig(steps_per_execution=64),
         quick=rnn_sequences.RowsConfig.quick(),
         keras="SimpleRNN(128, activation='relu') over 28 steps of 28 pixels; Keras's Masking layer skips padded steps",
         jax="x = {'x': padded_rows, 'seq_lengths': lengths}   # nn.RNN(nn.SimpleCell(128), ...)(x, seq_lengths)\n"
@@ -162,7 +163,7 @@ SECTIONS = (
     Section(
         key="distributed",
         title="3.2 Distributed training: data parallel over every device",
-        full=distributed.Config(),
+        full=distributed.Config(steps_per_execution="epoch"),
         quick=distributed.Config.quick(),
         keras="strategy = tf.distribute.MirroredStrategy()\nwith strategy.scope():\n"
         "    model = Sequential([Dense(64, activation='relu'), Dense(64, activation='relu'),\n"
@@ -185,6 +186,27 @@ SECTIONS = (
             np.zeros((1, config.features), np.float32),
         ),
         keras_params=55_050,
+    ),
+    Section(
+        key="streaming",
+        title="3 (further) Datasets larger than memory: the CNN streamed from ArrayRecord shards",
+        full=streaming_experiment.Config(),
+        quick=streaming_experiment.Config.quick(),
+        keras="# Keras streams what does not fit in memory through tf.data:\n"
+        "dataset = tf.data.TFRecordDataset(files).map(parse).shuffle(10_000).batch(64).prefetch(AUTOTUNE)\n"
+        "model.fit(dataset, epochs=5)",
+        jax="shards.write_arrays(folder, images_uint8, labels)          # ArrayRecord shards + metadata.json\n"
+        "dataset = streaming.StreamingDataset(folder)                # read by grain as it trains\n"
+        "state, history = training.fit(state, dataset, epochs=5, batch_size=64)",
+        figures=(
+            "num_examples",
+            "dataset_bytes",
+            "peak_rss_bytes",
+            "samples_per_second",
+            "in_memory_samples_per_second",
+            "test_accuracy",
+            "in_memory_test_accuracy",
+        ),
     ),
 )
 
