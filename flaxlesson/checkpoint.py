@@ -279,8 +279,12 @@ def _newest_good(
 ) -> tuple[int, dict[str, Any], Position] | tuple[None, None, None]:
     """The newest checkpoint that reads back whole (among those `wanted(position)` accepts), skipping damaged ones.
 
-    Each damaged checkpoint is named in a WARNING. CheckpointError if one holds another model's state.
+    Each damaged checkpoint is named in a WARNING, and so is each write that never completed (a process killed
+    while writing leaves its temporary folder, which the next run that saves here removes). CheckpointError if
+    one holds another model's state.
     """
+    for folder in sorted(manager.directory.glob(f"*{_TEMPORARY}*")):
+        logger.warning("Skipping unfinished checkpoint %s: its write never completed", folder)
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             payload, position = _read(manager, step, state)
@@ -459,7 +463,7 @@ class BackupAndRestore(Callback):
             seed,
         )
         self.step = int(jax.device_get(state.step))
-        self._last_in_epoch, self._pending, self._writing = initial_step, None, []
+        self._last_in_epoch, self._pending, self._writing = initial_step, None, None
         _writable(self.directory)
         self._lock = _Lock(self.directory, self._release) if _primary() else None
         try:
@@ -585,20 +589,22 @@ class BackupAndRestore(Callback):
             position=ocp.args.JsonSave(position),
             iterator=ocp.args.JsonSave(iterator),
         )
-        self._writing.append(snapshot.step)
+        self._finish()  # orbax waits for the previous write anyway; a failure of it is reported as its own
+        self._writing = snapshot.step
         with self._failures():
             self._manager.save(snapshot.step, args=args, force=True)
         self._saved = snapshot.step
 
     def _check_writes(self) -> None:
         """Raise a failed background write as soon as it is known, not at the next save."""
-        if self._writing and not self._manager.is_saving_in_progress():
+        if self._writing is not None and not self._manager.is_saving_in_progress():
             self._finish()
 
     def _finish(self) -> None:
+        """Wait for the write in flight."""
         with self._failures():
             self._manager.wait_until_finished()
-        self._writing = []
+        self._writing = None
 
     @contextlib.contextmanager
     def _failures(self) -> Iterator[None]:
@@ -606,16 +612,15 @@ class BackupAndRestore(Callback):
         try:
             yield
         except Exception as error:
-            failed, self._writing = self._writing, []
-            kept = sorted(set(self._manager.all_steps()) - set(failed))
+            failed, self._writing = self._writing, None
             self._release()
-            for step in failed:
-                for folder in self.directory.glob(f"{step}{_TEMPORARY}*"):
-                    shutil.rmtree(folder, ignore_errors=True)
+            for folder in self.directory.glob(f"{failed}{_TEMPORARY}*"):
+                shutil.rmtree(folder, ignore_errors=True)
+            kept = steps(self.directory)
             raise CheckpointWriteError(
-                f"could not write the checkpoint of train step {failed[-1] if failed else self.step} in "
-                f"{str(self.directory)!r}: {_reason(error)}; its temporary folder is removed, the newest checkpoint "
-                f"there is step {kept[-1] if kept else None}"
+                f"could not write the checkpoint of train step {failed} in {str(self.directory)!r}: "
+                f"{_reason(error)}; its temporary folder is removed, the newest checkpoint there is "
+                + (f"step {kept[-1]}" if kept else "none")
             ) from None
 
 
