@@ -202,16 +202,20 @@ class _Manager(ocp.CheckpointManager):
 
 
 def _manager(directory: Path, *, write: bool = False, max_to_keep: int | None = None) -> _Manager:
-    """A manager that only reads, or one that writes asynchronously and first clears a killed run's temporary folders.
+    """A manager that writes asynchronously, or one that only reads, for this process alone.
 
-    Only the run holding the folder's lock may make one that writes.
+    Every process of a run makes the writing one, which first clears a killed run's temporary folders; only a run
+    holding the folder's lock may make it.
     """
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         create=write,
         read_only=not write,
         cleanup_tmp_directories=write,
         enable_async_checkpointing=write,
+        save_root_metadata=write,
+        multiprocessing_options=ocp.options.MultiprocessingOptions() if write else alone,
     )
     handlers = {
         "state": ocp.StandardCheckpointHandler(),
