@@ -27,6 +27,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -54,6 +55,7 @@ DAMAGED_PREFIX = "damaged."
 """Damaged checkpoints past a run's start are renamed `damaged.<step>.<time>`: out of orbax's sight, kept to look at."""
 
 _TEMPORARY = ".orbax-checkpoint-tmp"  # what orbax appends to a checkpoint's folder name while writing it
+_POSITION_FILE = Path("position", "metadata")  # where orbax's JsonSave writes a checkpoint's 'position' item
 
 
 class CheckpointError(ValueError):
@@ -309,15 +311,18 @@ def steps(directory: str | os.PathLike) -> list[int]:
 def latest_position(directory: str | os.PathLike) -> Position | None:
     """The position of the newest checkpoint in `directory` whose position reads, None if none; arrays unverified.
 
-    For checks before training (resuming past the epochs asked); `resume_or_start` verifies what it resumes.
+    For checks before training (resuming past the epochs asked); `resume_or_start` verifies what it resumes. Read
+    straight from the files: an orbax manager would start JAX's backend, and scripts check this before
+    `parallel.initialize`, which must come first.
     """
-    with _reading(directory) as manager:
-        for step in sorted(manager.all_steps() if manager else [], reverse=True):
-            try:
-                saved = manager.restore(step, args=ocp.args.Composite(position=ocp.args.JsonRestore()))["position"]
-                return Position(saved["epoch"], saved["step"], saved["seed"])
-            except Exception:  # noqa: BLE001, S112 - a damaged one is skipped here as on resume
-                continue
+    directory = Path(directory)
+    found = [p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()] if directory.is_dir() else []
+    for folder in sorted(found, key=lambda p: int(p.name), reverse=True):
+        try:
+            saved = json.loads((folder / _POSITION_FILE).read_text())
+            return Position(saved["epoch"], saved["step"], saved["seed"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
     return None
 
 

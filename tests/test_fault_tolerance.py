@@ -6,8 +6,10 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -346,3 +348,85 @@ def test_sigterm_stops_a_run_within_30s_with_a_checkpoint_that_resumes_to_the_un
     assert (start.initial_epoch, start.initial_step) == (1, 3)
     resumed, _ = _run(start)
     _assert_equal(resumed.params, _uninterrupted().params)
+
+
+def _worker_pid(process_id, attempt):
+    """The pid of launched process `process_id` of `attempt`, a child of this process; None when not running."""
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text()
+            env = dict(item.split("=", 1) for item in (proc / "environ").read_text().split("\0") if "=" in item)
+        except (OSError, ValueError):
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and (
+            env.get("JAX_PROCESS_ID"),
+            env.get("FLAXLESSON_RESTART"),
+        ) == (str(process_id), str(attempt)):
+            return int(proc.name)
+    return None
+
+
+def test_a_process_killed_by_sigkill_is_restarted_and_the_run_ends_with_the_uninterrupted_params(tmp_path, caplog):
+    from experiments import distributed
+
+    settings = {"samples": 256, "features": 8, "epochs": 3, "batch_size": 16, "seed": 3, "save_freq": 5}
+    settings |= {"processes": 2, "cpu_devices": 1, "timeout": 120.0}
+    whole = distributed.run(
+        distributed.Config(**settings, checkpoint_dir=str(tmp_path / "w"), out=str(tmp_path / "wo"))
+    )
+    killed = []
+
+    def kill_process_1_at_its_first_checkpoint():
+        deadline = time.monotonic() + 60
+        while not killed and time.monotonic() < deadline:
+            if (tmp_path / "c" / "5").exists() and (pid := _worker_pid(1, attempt=0)):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.005)
+
+    killer = threading.Thread(target=kill_process_1_at_its_first_checkpoint)
+    killer.start()
+    with caplog.at_level(logging.WARNING, logger="flaxlesson.launch"):
+        cut = distributed.run(
+            distributed.Config(**settings, max_restarts=1, checkpoint_dir=str(tmp_path / "c"), out=str(tmp_path / "co"))
+        )
+    killer.join()
+    assert killed and "process 1 of 2 was killed by SIGKILL; restarting" in caplog.text
+    assert (cut["initial_epoch"], cut["initial_step"]) > (0, 0)  # resumed from a checkpoint, not from scratch
+    assert cut["params_fingerprint"] == whole["params_fingerprint"]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_a_checkpoint(tmp_path):
+    # JAX's preemption service tells every process; each stops after the call they agreed on and saves there. Had
+    # they stopped at different steps, the collectives of the one going on, or the save's barriers, would hang.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["--samples", "512", "--features", "8", "--epochs", "3", "--batch-size", "16", "--save-freq", "5"]
+    argv += ["--processes", "2", "--coordinator", f"127.0.0.1:{port}", "--checkpoint-dir", str(tmp_path / "c")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "experiments/distributed.py", *argv, "--process-id", str(i), "--out", str(tmp_path / "o")],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for i in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "c" / "5").exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        sent = time.monotonic()
+        workers[1].send_signal(signal.SIGTERM)
+        codes = [worker.wait(timeout=30) for worker in workers]
+        assert time.monotonic() - sent < 30
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait(timeout=30)
+    assert codes == [flags.TERMINATED_EXIT_CODE] * 2
+    position = checkpoint.latest_position(tmp_path / "c")
+    assert (0, 5) < (position.epoch, position.step) < (3, 0)
