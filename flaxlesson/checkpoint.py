@@ -504,19 +504,20 @@ class BackupAndRestore(Callback):
             if manager is None:
                 return
             newer = [step for step in sorted(manager.all_steps()) if step > self.step]
-            good, damaged = [], {}
+            good, damaged = {}, {}
             for step in newer:
                 try:
-                    _read(manager, step, state)
-                    good.append(step)
+                    good[step] = _read(manager, step, state)[1]
                 except _Damaged as why:
                     damaged[step] = why
             if not good and self.step in manager.all_steps():
                 _read(manager, self.step, state)  # another model's checkpoint at the start is refused too
         if good:
+            epochs = [p.epoch if p.step == 0 else p.describe() for p in good.values()]
             raise CheckpointError(
-                f"directory {str(self.directory)!r} already holds checkpoints of steps {good}, past this run's "
-                f"start (step {self.step}, {self.position.describe()}); resume from the newest or use another directory"
+                f"directory {str(self.directory)!r} already holds checkpoints of epochs {epochs} (train steps "
+                f"{list(good)}), past this run's start (train step {self.step}, {self.position.describe()}); "
+                "resume from the newest or use another directory"
             )
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         for step, why in damaged.items():

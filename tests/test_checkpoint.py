@@ -138,7 +138,8 @@ def test_checkpoints_this_run_would_overwrite_are_refused(tmp_path):
     _fit(_state(), 2, callbacks=[checkpoint.ModelCheckpoint(tmp_path, _state())])
     before = _snapshot(tmp_path)
     with pytest.raises(
-        ValueError, match=r"already holds checkpoints of steps \[4, 8\], past this run's start \(step 0"
+        ValueError,
+        match=r"already holds checkpoints of epochs \[1, 2\] \(train steps \[4, 8\]\), past this run's start",
     ):
         checkpoint.ModelCheckpoint(tmp_path, _state())
     assert _snapshot(tmp_path) == before
