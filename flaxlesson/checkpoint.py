@@ -462,8 +462,8 @@ class BackupAndRestore(Callback):
         initial_epoch: int = 0,
         initial_step: int = 0,
     ):
-        if save_freq != "epoch":
-            checks.positive_int("save_freq", save_freq)
+        if save_freq != "epoch" and not (checks.is_int(save_freq) and save_freq >= 1):
+            raise ValueError(f"save_freq must be a positive integer or 'epoch', got {save_freq!r}")
         checks.positive_int("max_to_keep", max_to_keep)
         self.directory, self.save_freq, self.seed = Path(directory), save_freq, checks.non_negative_int("seed", seed)
         self.position = Position(

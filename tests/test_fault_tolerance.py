@@ -290,6 +290,19 @@ def test_an_initial_step_outside_the_epoch_is_rejected(initial_epoch, initial_st
         _fit(_state(), initial_epoch=initial_epoch, initial_step=initial_step)
 
 
+@pytest.mark.parametrize("save_freq", [0, "batch", 2.0, True])
+def test_a_bad_save_freq_is_rejected(tmp_path, save_freq):
+    with pytest.raises(ValueError, match="save_freq must be a positive integer or 'epoch'"):
+        checkpoint.BackupAndRestore(tmp_path, _state(), save_freq=save_freq)
+
+
+def test_save_freq_without_a_checkpoint_folder_is_a_usage_error():
+    from experiments import cnn_mnist
+
+    with pytest.raises(flags.ConfigError, match="save_freq: needs --checkpoint-dir"):
+        cnn_mnist.Config(save_freq=20)
+
+
 CHILD = """
 import signal, sys, time
 import numpy as np
