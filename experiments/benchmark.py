@@ -13,8 +13,12 @@ memory. With --keras-python the reference scripts run in the same sitting and ea
 """
 
 import dataclasses
+import json
+import os
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -152,6 +156,91 @@ def bench_lesson_fits(cnn_epochs: int, seeds: int) -> dict:
     }
 
 
+SWEEP = (1, 8, 64, "epoch")
+"""The steps_per_execution values the benchmark compares (Keras's name; 'epoch' is a whole epoch per call)."""
+
+
+def _sweep_one(model, x, y, loss: str = "sparse_categorical_crossentropy", **fit_args) -> dict:
+    """Train samples/s (median epoch) and compile seconds of one fit per steps_per_execution value."""
+    figures = {}
+    for k in SWEEP:
+        _, history = _timed_fit(model, x, y, loss=loss, steps_per_execution=k, **fit_args)
+        figures[str(k)] = {
+            "train_samples_per_second": history.summary()["train_samples_per_second"],
+            "compile_seconds": history.compile_seconds,
+        }
+        print(f"  steps_per_execution={k}: {figures[str(k)]}", flush=True)
+    return figures
+
+
+def _distributed_sweep() -> dict:
+    """distributed.py (the lesson's MLP, sharded over 8 virtual CPU devices) once per value, each in its process."""
+    figures = {}
+    for k in SWEEP:
+        with tempfile.TemporaryDirectory() as out:
+            env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": str(ROOT)}
+            argv = ["--strategy", "sharded", "--steps-per-execution", str(k), "--out", out]
+            subprocess.run(
+                [sys.executable, str(ROOT / "experiments" / "distributed.py"), *argv],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+            record = json.loads((Path(out) / "metrics.json").read_text())
+        figures[str(k)] = {
+            "train_samples_per_second": record["train_samples_per_second"],
+            "compile_seconds": record["compile_seconds"],
+            "num_devices": record["num_devices"],
+        }
+        print(f"  steps_per_execution={k}: {figures[str(k)]}", flush=True)
+    return figures
+
+
+def bench_steps_per_execution() -> dict:
+    """Each model's lesson fit at steps_per_execution 1, 8, 64 and 'epoch'; the CNN's start-up cost too."""
+    (x_iris, y_iris), _ = data.load_iris()
+    toy = data.pad_sequences(np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]]), padding="post", maxlen=5)
+    images = data.load_images("auto")
+    rows = images.x_train[:6000].reshape(6000, images.x_train.shape[1], -1)
+    start = time.perf_counter()
+    training.create_train_state(models.CNN(num_classes=images.num_classes), images.x_train[:1])
+    sweep = {"cnn_create_train_state_seconds": time.perf_counter() - start}
+    runs = {
+        "mlp_iris": lambda: _sweep_one(
+            models.MLP(num_classes=3), x_iris, y_iris, epochs=30, batch_size=10, validation_split=0.2
+        ),
+        "rnn_lesson": lambda: _sweep_one(
+            models.SimpleRNNClassifier(50, num_classes=1),
+            toy,
+            np.array([1, 0, 1]),
+            "binary_crossentropy",
+            epochs=10,
+            batch_size=1,
+        ),
+        "rnn_rows": lambda: _sweep_one(
+            models.SimpleRNNClassifier(128, num_classes=images.num_classes),
+            rows,
+            images.y_train[:6000],
+            epochs=2,
+            batch_size=32,
+            validation_split=0.1,
+        ),
+        "cnn": lambda: _sweep_one(
+            models.CNN(num_classes=images.num_classes),
+            images.x_train,
+            images.y_train,
+            epochs=2,
+            batch_size=64,
+            validation_split=0.1,
+        ),
+        "distributed_mlp_8_devices": _distributed_sweep,
+    }
+    for name, sweep_run in runs.items():
+        print(f"{name}:", flush=True)
+        sweep[name] = sweep_run()
+    return sweep
+
+
 def keras_figures(python: str, cnn_epochs: int, seeds: int) -> dict:
     """The lesson's Keras code run in `python` (experiments/keras_reference.py), in this sitting: its figures."""
     keras = keras_reference.run(python, cnn_epochs=cnn_epochs, seeds=seeds, examples=("mlp", "rnn", "aug"))
@@ -177,6 +266,7 @@ class Config(flags.Config):
         "cnn_epochs": flags.Flag("epochs of the timed CNN fits, ours and Keras's (the lesson's 5)", flags.positive_int),
         "seeds": flags.Flag("MLP fits timed (median)", flags.positive_int),
         "keras_python": flags.Flag("a Python with TensorFlow/Keras, to run the reference alongside"),
+        "sweep": flags.Flag("also time every model's fit at steps_per_execution 1, 8, 64 and 'epoch'", None),
     }
 
     steps: int = 50
@@ -184,6 +274,7 @@ class Config(flags.Config):
     cnn_epochs: int = 5
     seeds: int = 5
     keras_python: str | None = None
+    sweep: bool = False
     out: str = "runs/benchmark"
 
     @classmethod
@@ -208,6 +299,8 @@ def run(config: Config) -> dict:
         print(f"augmentation: {rate:,.0f} images/s", flush=True)
         metrics["lesson_fits"] = bench_lesson_fits(config.cnn_epochs, config.seeds)
         print("lesson fits: " + ", ".join(f"{k} {v}" for k, v in metrics["lesson_fits"].items()), flush=True)
+        if config.sweep:
+            metrics["steps_per_execution"] = bench_steps_per_execution()
         metrics["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         if config.keras_python:
             metrics.update(compare_with_keras(config, metrics))

@@ -7,7 +7,7 @@ compiled call gathers there. `calls` stacks those inputs K at a time for `steps_
 
 import math
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -37,8 +37,9 @@ class ArraySource:
         arrays = {"x": x} if y is None else {"x": x, "y": y}
         self.data = strategy.replicate(arrays) if resident else None
 
-    def step_inputs(self, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[Batch]:
-        """This process's input of each step of one epoch, shuffled by `rng` when given."""
+    def epoch_inputs(self, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = False) -> Iterator[Batch]:
+        """This process's input of each step of epoch `epoch`, shuffled by `default_rng([seed, epoch])` if asked."""
+        rng = np.random.default_rng([seed, epoch]) if shuffle else None
         shares = batching.batch_indices(
             self.num_examples,
             batch_size,
@@ -55,6 +56,51 @@ class ArraySource:
                 if self.y is not None:
                     batch["y"] = self.y[rows]
                 yield batch
+
+
+@runtime_checkable
+class Streamable(Protocol):
+    """What a fit needs of a dataset it streams (`streaming.StreamingDataset`): its size, rows, views, batches."""
+
+    @property
+    def num_examples(self) -> int:
+        """Rows in the dataset."""
+
+    def take(self, indices: Any) -> Batch:
+        """Rows `indices` in memory, as a batch without its mask."""
+
+    def split(self, validation_split: float) -> tuple[Any, Any]:
+        """(train, validation) views, the last `validation_split` held out."""
+
+    def batches(self, batch_size: int, **layout: Any) -> Any:
+        """An epoch's batches, laid out as `batching.batch_indices` lays them out."""
+
+
+class StreamSource:
+    """A `streaming.StreamingDataset` as a batch source: host batches read (and decoded by grain) as they are needed.
+
+    Its epochs are `ArraySource`'s over the same data in memory, batch for batch, so a streamed fit ends with the
+    params of an in-memory one.
+    """
+
+    data = None
+
+    def __init__(self, dataset: Streamable, strategy: parallel.Strategy):
+        self.dataset, self.strategy = dataset, strategy
+        self.num_examples = dataset.num_examples
+
+    def epoch_inputs(self, batch_size: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = False) -> Iterator[Batch]:
+        """This process's batch of each step of epoch `epoch`, shuffled as `ArraySource` shuffles."""
+        with self.dataset.batches(
+            batch_size,
+            seed=seed,
+            epoch=epoch,
+            shuffle=shuffle,
+            pad_multiple=self.strategy.num_replicas,
+            process_index=self.strategy.process_index,
+            process_count=self.strategy.process_count,
+        ) as batches:
+            yield from batches
 
 
 def fits_on_device(x: Any, y: Any, strategy: parallel.Strategy, share: float = RESIDENT_SHARE) -> bool:

@@ -159,8 +159,8 @@ def forward(state: TrainState, params: Any, x: Any) -> jax.Array:
 
 
 def zero_totals() -> Totals:
-    """Running sums of loss, correct predictions and real samples over an epoch."""
-    return {"loss": jnp.zeros(()), "correct": jnp.zeros(()), "count": jnp.zeros(())}
+    """Running sums of loss, correct predictions and real samples over an epoch (host zeros, placed by the caller)."""
+    return {name: np.zeros((), np.float32) for name in ("loss", "correct", "count")}
 
 
 def _reducer(axis_name: str | None) -> Callable:

@@ -100,6 +100,24 @@ def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
     steps.get_loss(state.loss).check_labels(y, math.prod(out.shape[1:]))
 
 
+def _check_data(state: TrainState, x: Any, y: Any | None) -> None:
+    """`_check_xy` for arrays; for a streaming dataset (which holds its labels), its first row."""
+    if not isinstance(x, sources.Streamable):
+        _check_xy(state, x, y)
+        return
+    if y is not None:
+        raise ValueError("y: a streaming dataset carries its own labels; pass y=None")
+    if x.num_examples == 0:
+        raise ValueError("x: no samples")
+    sample = x.take(np.arange(1))
+    _check_xy(state, sample["x"], sample["y"])
+
+
+def _pair(data: Any) -> tuple[Any, Any]:
+    """Validation data as (x, y): a streaming dataset stands for both."""
+    return (data, None) if isinstance(data, sources.Streamable) else tuple(data)
+
+
 def _means(sums: Mapping[str, Any]) -> dict[str, float]:
     """Mean loss and accuracy over the real samples of running totals."""
     count = max(float(sums["count"]), 1.0)
@@ -146,7 +164,12 @@ class _Executor:
 
 def _source(
     x: Any, y: np.ndarray | None, strategy: parallel.Strategy, data_on_device: bool | None
-) -> sources.ArraySource:
+) -> sources.ArraySource | sources.StreamSource:
+    """The batch source for (x, y): a stream as it is, arrays resident when asked or when they fit."""
+    if isinstance(x, sources.Streamable):
+        if data_on_device:
+            raise ValueError("data_on_device: a streaming dataset is read from the host as it trains")
+        return sources.StreamSource(x, strategy)
     resident = sources.fits_on_device(x, y, strategy) if data_on_device is None else bool(data_on_device)
     return sources.ArraySource(x, y, strategy, resident=resident)
 
@@ -157,7 +180,7 @@ def _run_totals(
     """Run a compiled totals-accumulating call over one pass of `source`; mean loss and accuracy."""
     executor = _Executor(strategy, k)
     totals = strategy.replicate(zero_totals())
-    for inputs, count, _ in executor.calls(source.step_inputs(batch_size)):
+    for inputs, count, _ in executor.calls(source.epoch_inputs(batch_size)):
         totals = call(state, totals, source.data, inputs, count)
     return _means(jax.device_get(strategy.unreplicate(totals)))
 
@@ -210,14 +233,14 @@ def _as_callbacks(callbacks: Sequence[Callback]) -> list[Callback]:
 def fit(
     state: TrainState,
     x: Any,
-    y: np.ndarray,
+    y: np.ndarray | None = None,
     *,
     epochs: int = 1,
     batch_size: int = 32,
     initial_epoch: int = 0,
     initial_step: int = 0,
     validation_split: float = 0.0,
-    validation_data: tuple[Any, np.ndarray] | None = None,
+    validation_data: tuple[Any, np.ndarray] | sources.Streamable | None = None,
     shuffle: bool = True,
     seed: int = 0,
     verbose: int | str = "auto",
@@ -226,9 +249,12 @@ def fit(
     callbacks: Sequence[Callback] = (),
     steps_per_execution: StepsPerExecution = 1,
     data_on_device: bool | None = None,
+    steps_per_epoch: int | None = None,
 ) -> tuple[TrainState, History]:
     """Train as Keras's `model.fit` does; returns the trained state and a `History`.
 
+    `x` and `y` are arrays (or `x` a dict of arrays, e.g. with `seq_lengths`), or `x` is a streaming dataset
+    (`streaming.StreamingDataset`, labels included, `y` None) read from disk as it trains.
     `validation_split` holds out the last fraction before shuffling; every epoch reshuffles (seeded by `seed`
     and the epoch) and trains the last partial batch. `verbose`: 0 silent, 1 a progress bar and a line per
     epoch, 2 a line per epoch, 'auto' 1 on a terminal else 2. `callbacks` are `callbacks.Callback`s.
@@ -240,24 +266,34 @@ def fit(
     does; that epoch's History entry (loss, accuracy, samples/s) then covers only the steps this fit ran.
     `steps_per_execution` (an int, or 'epoch') runs that many steps per compiled call, with the same update.
     `data_on_device` keeps x and y on the device(s), moving only each epoch's index order; None decides by size
-    (`sources.RESIDENT_SHARE` of one device's memory).
+    (`sources.RESIDENT_SHARE` of one device's memory). `steps_per_epoch` (Keras's) cuts each epoch to its first
+    that many steps, e.g. to train a fixed number of steps on a large streamed set.
     """
     epochs = checks.positive_int("epochs", epochs)
+    if steps_per_epoch is not None:
+        checks.positive_int("steps_per_epoch", steps_per_epoch)
     checks.positive_int("batch_size", batch_size)
     initial_epoch = checks.integer("initial_epoch", initial_epoch, low=0, high=epochs)
     initial_step = checks.non_negative_int("initial_step", initial_step)
-    _check_xy(state, x, y)
+    _check_data(state, x, y)
     callbacks = _as_callbacks(callbacks)
-    y = np.asarray(y)
-    (x, y), split = batching.train_validation_split(x, y, validation_split)
+    if isinstance(x, sources.Streamable):
+        x, split = x.split(checks.fraction("validation_split", validation_split))
+    else:
+        y = np.asarray(y)
+        (x, y), split = batching.train_validation_split(x, y, validation_split)
     if validation_split:
         validation_data = split
     if validation_data is not None:
-        _check_xy(state, *validation_data)
+        validation_data = _pair(validation_data)
+        _check_data(state, *validation_data)
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose
     strategy = parallel.get_strategy(strategy)
     source = _source(x, y, strategy, data_on_device)
-    n, total_steps = source.num_examples, sources.num_steps(source.num_examples, batch_size)
+    total_steps = sources.num_steps(source.num_examples, batch_size)
+    if steps_per_epoch is not None:
+        total_steps = min(total_steps, steps_per_epoch)
+    n = min(source.num_examples, total_steps * batch_size)
     if initial_step and not (initial_epoch < epochs and initial_step < total_steps):
         raise ValueError(
             f"initial_step must be below the {total_steps} steps of an epoch, and 0 when no epoch is left to "
@@ -272,7 +308,9 @@ def fit(
     )
     state = strategy.replicate(state)
     key = strategy.replicate(jax.random.key(seed))
-    first, count, _ = next(executor.calls(source.step_inputs(batch_size)))
+    first_calls = executor.calls(source.epoch_inputs(batch_size))
+    first, count, _ = next(first_calls)
+    first_calls.close()
     start = time.perf_counter()
     train_call = train_call.lower(state, strategy.replicate(zero_totals()), key, source.data, first, count).compile()
     history = History(compile_seconds=time.perf_counter() - start)
@@ -293,14 +331,12 @@ def fit(
         for epoch in range(initial_epoch, epochs):
             for callback in callbacks:
                 callback.on_epoch_begin(epoch, strategy.unreplicate(state))
-            rng = np.random.default_rng([seed, epoch]) if shuffle else None
             progress = ProgressBar(total_steps, enabled=verbose == 1)
             start = time.perf_counter()
             skip = initial_step if epoch == initial_epoch else 0
             totals, done = strategy.replicate(zero_totals()), skip
-            for inputs, count, real in executor.calls(
-                itertools.islice(source.step_inputs(batch_size, rng), skip, None)
-            ):
+            epoch_inputs = source.epoch_inputs(batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
+            for inputs, count, real in executor.calls(itertools.islice(epoch_inputs, skip, total_steps)):
                 state, totals = train_call(state, totals, key, source.data, inputs, count)
                 done += real
                 progress.update(done)
@@ -364,18 +400,20 @@ def _stopper(callbacks: list[Callback]) -> str | None:
 def evaluate(
     state: TrainState,
     x: Any,
-    y: np.ndarray,
+    y: np.ndarray | None = None,
     *,
     batch_size: int = 32,
     strategy: parallel.Strategy | str | None = None,
     steps_per_execution: StepsPerExecution = 1,
     data_on_device: bool | None = None,
 ) -> dict[str, float]:
-    """Keras's `model.evaluate`: mean loss and accuracy over (x, y)."""
+    """Keras's `model.evaluate`: mean loss and accuracy over (x, y), or over a streaming dataset."""
     checks.positive_int("batch_size", batch_size)
-    _check_xy(state, x, y)
+    _check_data(state, x, y)
+    if y is None and not isinstance(x, sources.Streamable):
+        raise ValueError("y: evaluate needs the labels of x")
     strategy = parallel.get_strategy(strategy)
-    source = _source(x, np.asarray(y), strategy, data_on_device)
+    source = _source(x, None if y is None else np.asarray(y), strategy, data_on_device)
     k = sources.steps_per_call(steps_per_execution, sources.num_steps(source.num_examples, batch_size))
     call = strategy.compile(
         steps.scan_eval_step(make_eval_step(state.loss, axis_name=strategy.axis_name)), donate_argnums=(1,)
@@ -394,7 +432,7 @@ def predict(
 ) -> np.ndarray:
     """Keras's `model.predict`: output probabilities (softmax or sigmoid), one row per sample."""
     checks.positive_int("batch_size", batch_size)
-    _check_xy(state, x, None)
+    _check_data(state, x, None)
     strategy = parallel.get_strategy(strategy)
     source = _source(x, None, strategy, data_on_device)
     executor = _Executor(
@@ -403,7 +441,7 @@ def predict(
     call = strategy.compile(steps.scan_predict_step(make_predict_step(state.loss)))
     state = strategy.replicate(state)
     rows = []
-    for inputs, count, _ in executor.calls(source.step_inputs(batch_size)):
+    for inputs, count, _ in executor.calls(source.epoch_inputs(batch_size)):
         outputs = strategy.gather_rows(call(state, source.data, inputs, count))
         rows.append(outputs[strategy.gather_rows(inputs["mask"]) > 0])
     return np.concatenate(rows)

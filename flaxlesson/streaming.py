@@ -1,0 +1,539 @@
+"""Datasets larger than memory: image records on disk, streamed as the batches `data.iterate_batches` makes.
+
+A `StreamingDataset` reads a folder of ArrayRecord shards (written by `flaxlesson.shards`) or a prepared TFDS
+split (through `tfds.data_source`), and never holds more than the batches in flight. Its `batches(...)` yields
+exactly the dicts that `data.iterate_batches` yields over the same images held in memory as float32 in [0, 1]:
+the same order, padding, mask and per-process share. The order is the in-memory one on purpose: each epoch is
+`np.random.default_rng([seed, epoch]).permutation(n)` of the row numbers (indices only, never the data), as in
+`training.fit`, so a streaming fit and an in-memory fit are the same computation and can be checked against each
+other to rounding, and an in-memory run resumed from a streaming one (or back) continues the same sequence.
+Grain runs the reading and decoding (uint8 -> float32 / 255), in worker processes when asked, ahead of use.
+
+A shard folder holds `metadata.json` (fields with their shapes and dtypes, the example count, each shard's file
+and record count) beside its shards; opening checks every shard against it, and reading checks every record,
+so a missing or truncated shard, or records of another shape, raise a `ShardError` that names the file.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import absl.flags
+import grain
+import msgpack
+import numpy as np
+from array_record.python import array_record_module
+
+from flaxlesson import batching, checks, datasets
+
+METADATA_FILE = "metadata.json"
+FORMAT = "flaxlesson-shards/1"
+IMAGE, LABEL = "image", "label"
+# Names an extra field cannot take: the image and label fields, and "x", the images' key in a batch's input dict.
+RESERVED_FIELDS = ("x", IMAGE, LABEL)
+
+
+class ShardError(ValueError):
+    """Shards on disk that disagree with their metadata (missing, truncated, other records); names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """The shape and dtype of one field of every record (an example's image, label, or extra value)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored in metadata.json: the shape as a list, the dtype as numpy's exact string (e.g. '|u1')."""
+        return {"shape": list(self.shape), "dtype": np.dtype(self.dtype).str}
+
+    @classmethod
+    def from_json(cls, spec: Mapping[str, Any]) -> "Field":
+        """The inverse of `to_json`."""
+        return cls(tuple(int(n) for n in spec["shape"]), np.dtype(spec["dtype"]))
+
+
+def encode_record(example: Mapping[str, np.ndarray]) -> bytes:
+    """One example (field name -> array) as one record: msgpack of [shape, dtype, raw bytes] per field."""
+    return msgpack.packb(
+        {
+            name: [list(value.shape), value.dtype.str, np.ascontiguousarray(value).tobytes()]
+            for name, value in example.items()
+        },
+        use_bin_type=True,
+    )
+
+
+def decode_record(raw: bytes, fields: Mapping[str, Field]) -> dict[str, np.ndarray]:
+    """The arrays of one record, checked against `fields`; a ValueError says what differs."""
+    try:
+        stored = msgpack.unpackb(raw, raw=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise ValueError(f"not a record of this format ({type(e).__name__}: {e})") from e
+    if not isinstance(stored, dict) or set(stored) != set(fields):
+        names = sorted(stored) if isinstance(stored, dict) else type(stored).__name__
+        raise ValueError(f"holds fields {names}, expected {sorted(fields)}")
+    example = {}
+    for name, field in fields.items():
+        shape, dtype, raw_value = stored[name]
+        if tuple(shape) != field.shape or dtype != field.dtype.str:
+            raise ValueError(
+                f"field {name!r} is {np.dtype(dtype).name} of shape {tuple(shape)}, "
+                f"expected {field.dtype.name} of shape {field.shape}"
+            )
+        if len(raw_value) != math.prod(field.shape) * field.dtype.itemsize:
+            raise ValueError(f"field {name!r} holds {len(raw_value)} bytes, not one {field.dtype.name}{field.shape}")
+        example[name] = np.frombuffer(raw_value, field.dtype).reshape(field.shape)
+    return example
+
+
+class Records(Protocol):
+    """Random access to stored examples: what a `StreamingDataset` reads from."""
+
+    fields: dict[str, Field]
+    class_names: tuple[str, ...] | None
+
+    def __len__(self) -> int: ...
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The examples at `indices`, each field stacked along a new leading axis."""
+        ...
+
+
+def _stack(examples: Sequence[Mapping[str, np.ndarray]], fields: Mapping[str, Field]) -> dict[str, np.ndarray]:
+    out = {name: np.empty((len(examples), *field.shape), field.dtype) for name, field in fields.items()}
+    for i, example in enumerate(examples):
+        for name in fields:
+            out[name][i] = example[name]
+    return out
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """A shard folder's metadata.json, checked for the keys and counts readers rely on; errors name the file."""
+    file = Path(path) / METADATA_FILE
+    if not file.is_file():
+        raise ShardError(f"{file}: no such file; a shard folder needs the metadata.json that flaxlesson.shards writes")
+    try:
+        meta = json.loads(file.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format is {meta.get('format')!r}, expected {FORMAT!r}")
+        fields = {name: Field.from_json(spec) for name, spec in meta["fields"].items()}
+        counts = [int(shard["num_records"]) for shard in meta["shards"]]
+        files = [str(shard["file"]) for shard in meta["shards"]]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ShardError(f"{file}: not valid shard metadata ({type(e).__name__}: {e})") from e
+    if not fields or not files or sum(counts) != meta.get("num_examples") or min(counts) < 1:
+        raise ShardError(
+            f"{file}: needs fields and shards of at least one record each that add up to num_examples; "
+            f"got fields {sorted(fields)}, shard record counts {counts}, num_examples {meta.get('num_examples')}"
+        )
+    return {**meta, "fields": fields, "counts": counts, "files": files}
+
+
+def _check_shard(file: Path, count: int, fields: Mapping[str, Field]) -> None:
+    """One shard is there, holds `count` records (a truncated file holds none), and its first record fits `fields`."""
+    if not file.is_file():
+        raise ShardError(f"{file}: missing shard ({METADATA_FILE} lists it with {count} records)")
+    try:
+        reader = array_record_module.ArrayRecordReader(str(file))
+        try:
+            found = reader.num_records()
+            first = reader.read([0])[0] if found == count else None
+        finally:
+            reader.close()
+    except RuntimeError as e:
+        raise ShardError(f"{file}: not a readable ArrayRecord file, e.g. a truncated one ({e})") from e
+    if found != count:
+        raise ShardError(
+            f"{file}: holds {found} readable records but {METADATA_FILE} says {count} "
+            "(a truncated, partly written or replaced shard)"
+        )
+    try:
+        decode_record(first, fields)
+    except ValueError as e:
+        raise ShardError(f"{file}: record 0 {e}") from e
+
+
+class ShardReader:
+    """Random access to the records of a shard folder, checked against its metadata.json when opened.
+
+    Picklable: grain worker processes get a copy that opens the shard files lazily, in their own process.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ValueError(f"path: {path} is not a directory of shards")
+        meta = read_metadata(self.path)
+        self.fields: dict[str, Field] = meta["fields"]
+        self.class_names = tuple(meta["class_names"]) if meta.get("class_names") else None
+        self.files = [self.path / name for name in meta["files"]]
+        self.counts = meta["counts"]
+        for file, count in zip(self.files, self.counts):
+            _check_shard(file, count, self.fields)
+        self._ends = np.cumsum(self.counts)
+        self._source = grain.sources.ArrayRecordDataSource(
+            [f"{file}[0:{count}]" for file, count in zip(self.files, self.counts)]
+        )
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def where(self, index: int) -> tuple[Path, int]:
+        """The shard file holding record `index`, and its position in that file."""
+        shard = int(np.searchsorted(self._ends, index, side="right"))
+        return self.files[shard], index - int(self._ends[shard] - self.counts[shard])
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The records at `indices`, decoded and stacked; a ShardError names the file of a record that does not fit."""
+        indices = [int(i) for i in indices]
+        examples = []
+        for index, raw in zip(indices, self._source.__getitems__(indices)):
+            try:
+                examples.append(decode_record(raw, self.fields))
+            except ValueError as e:
+                file, position = self.where(index)
+                raise ShardError(f"{file}: record {position} {e}") from e
+        return _stack(examples, self.fields)
+
+
+class TfdsReader:
+    """Random access to a prepared TFDS split through `tfds.data_source`: its image and label features.
+
+    Nothing is converted or copied: records are read from TFDS's own ArrayRecord files as they are needed.
+    """
+
+    def __init__(self, name: str, split: str, data_dir: str | os.PathLike | None = None):
+        import tensorflow_datasets as tfds
+
+        try:
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # any failure to find or open it: say what it needs
+            raise datasets.DatasetUnavailableError(
+                f"TFDS dataset {name!r} split {split!r} cannot be read from data_dir {data_dir} "
+                f"({type(e).__name__}: {e}); it must be prepared there as array_record"
+            ) from e
+        if not len(self._source):
+            raise ValueError(f"split: TFDS dataset {name!r} split {split!r} holds no examples")
+        first = self._source[0]
+        missing = {IMAGE, LABEL} - set(first)
+        if missing:
+            raise ValueError(f"name: TFDS dataset {name!r} has no {sorted(missing)} feature, got {sorted(first)}")
+        self.fields = {key: Field(np.shape(first[key]), np.asarray(first[key]).dtype) for key in (IMAGE, LABEL)}
+        features = self._source.dataset_info.features
+        self.class_names = tuple(features[LABEL].names) if hasattr(features[LABEL], "names") else None
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The examples at `indices`, their image and label stacked."""
+        return _stack([self._source[int(i)] for i in indices], self.fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a batch iterator reads: every epoch's batches of row numbers, laid out by `data.iterate_batches`."""
+
+    num_rows: int
+    batch_size: int
+    seed: int
+    shuffle: bool
+    pad_multiple: int
+    process_index: int
+    process_count: int
+
+    @property
+    def steps(self) -> int:
+        return -(-self.num_rows // self.batch_size)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "num_examples": self.num_rows,
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "num_rows"},
+        }
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_rows(plan: _Plan, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, rows) row numbers and masks of one epoch: `data.iterate_batches` over row numbers, so its layout.
+
+    The rows are a permutation of the row numbers only (n int64s); the data set itself is never loaded.
+    """
+    rng = np.random.default_rng([plan.seed, epoch]) if plan.shuffle else None
+    shares = batching.batch_indices(
+        plan.num_rows,
+        plan.batch_size,
+        rng=rng,
+        pad_multiple=plan.pad_multiple,
+        process_index=plan.process_index,
+        process_count=plan.process_count,
+    )
+    rows, masks = zip(*shares, strict=True)
+    return np.stack(rows), np.stack(masks)
+
+
+def _to_batch(examples: dict[str, np.ndarray]) -> batching.Batch:
+    """Decoded examples as `iterate_batches` gives them: float32 images in [0, 1] under 'x', int32 labels 'y'."""
+    x = examples[IMAGE].astype(np.float32) / np.float32(255)
+    extras = {name: value for name, value in examples.items() if name not in (IMAGE, LABEL)}
+    return {"x": {"x": x, **extras} if extras else x, "y": examples[LABEL].astype(np.int32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoadBatch:
+    """Grain's map from a position (epoch * steps + step) to that batch: reads this process's rows, decodes."""
+
+    records: Records
+    first_row: int
+    plan: _Plan
+
+    def __call__(self, position: int) -> batching.Batch:
+        epoch, step = divmod(position, self.plan.steps)
+        rows, masks = _epoch_rows(self.plan, epoch)
+        batch = _to_batch(self.records.read(rows[step] + self.first_row))
+        return {"x": batch["x"], "mask": masks[step], "y": batch["y"]}
+
+
+def _grain_worker_profiling_flag_readable() -> None:
+    """Work around grain 0.2.18 reading an absl flag before absl parsed any (google/grain#1355, fixed after it).
+
+    With JAX imported, `mp_prefetch` reads --grain_enable_multiprocess_worker_profiling, which absl refuses in a
+    program that never parses flags; marking that one flag present keeps its default (off) and lets it be read,
+    as grain itself does for the flags it passes to its workers.
+    """
+    flag = absl.flags.FLAGS["grain_enable_multiprocess_worker_profiling"]
+    if not absl.flags.FLAGS.is_parsed():
+        flag.present = True
+
+
+def _owned(tree: Any) -> Any:
+    """Plain numpy arrays of a batch: grain's workers hand over shared-memory arrays, released once copied."""
+    if isinstance(tree, dict):
+        return {key: _owned(value) for key, value in tree.items()}
+    return tree if type(tree) is np.ndarray else np.array(tree)
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    return checks.integer(name, value, low=minimum)
+
+
+class BatchIterator(Iterator[batching.Batch]):
+    """One process's batches of one or more epochs, with a position that can be saved and restored.
+
+    `get_state()` is a small JSON-able dict: the epoch and step of the next batch, and the seed and batch
+    layout they belong to. Every batch is a pure function of (seed, epoch, step, layout), so the position is
+    the whole state: grain's own iterator state is not kept, the pipeline is rebuilt at the position instead.
+    """
+
+    def __init__(self, dataset: "StreamingDataset", plan: _Plan, position: int, stop: int):
+        self._dataset, self._plan, self._position, self._stop = dataset, plan, position, stop
+        self._iterator: Any = None
+
+    def __iter__(self) -> "BatchIterator":
+        return self
+
+    def __next__(self) -> batching.Batch:
+        if self._position >= self._stop:
+            self.close()
+            raise StopIteration
+        if self._iterator is None:
+            self._iterator = iter(self._dataset._pipeline(self._plan, self._position, self._stop))
+        batch = _owned(next(self._iterator))
+        self._position += 1
+        return batch
+
+    def __len__(self) -> int:
+        """Batches left."""
+        return self._stop - self._position
+
+    def get_state(self) -> dict[str, Any]:
+        """Where the next batch comes from: {'epoch', 'step', 'seed', ...the batch layout}, all JSON-able."""
+        epoch, step = divmod(self._position, self._plan.steps)
+        return {"epoch": epoch, "step": step, **self._plan.state()}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from a `get_state()` of an iterator with the same seed and layout, at its epoch and step."""
+        expected = self._plan.state()
+        for key, value in expected.items():
+            if key not in state or state[key] != value:
+                raise ValueError(f"state: {key} is {state.get(key)!r}, but this iterator's is {value!r}")
+        epoch = _check_count("state['epoch']", state.get("epoch"), 0)
+        step = _check_count("state['step']", state.get("step"), 0)
+        position = epoch * self._plan.steps + step
+        if step > self._plan.steps or position > self._stop:
+            raise ValueError(
+                f"state: epoch {epoch} step {step} lies past this iterator's last batch "
+                f"(epoch {(self._stop - 1) // self._plan.steps}, step {(self._stop - 1) % self._plan.steps})"
+            )
+        self.close()
+        self._position = position
+
+    def close(self) -> None:
+        """Stop grain's prefetching (and its worker processes, if any)."""
+        if self._iterator is not None and hasattr(self._iterator, "close"):
+            self._iterator.close()
+        self._iterator = None
+
+    def __enter__(self) -> "BatchIterator":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+class StreamingDataset:
+    """Images and labels read from disk as they are needed, batched exactly as `data.iterate_batches` does.
+
+    `source` is a shard folder (see `flaxlesson.shards`) or any `Records`, e.g. `StreamingDataset.from_tfds`'s.
+    `worker_count` grain processes read and decode batches (0: this process does, on a thread when
+    `prefetch` > 0); `prefetch` batches are read ahead per worker. `rows` restricts it to a contiguous range
+    of records (what `split` returns).
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | Records,
+        *,
+        worker_count: int = 0,
+        prefetch: int = 2,
+        rows: range | None = None,
+    ):
+        self.records = ShardReader(source) if isinstance(source, (str, os.PathLike)) else source
+        self.worker_count = _check_count("worker_count", worker_count, 0)
+        self.prefetch = _check_count("prefetch", prefetch, 0)
+        fields = self.records.fields
+        if IMAGE not in fields or fields[IMAGE].dtype != np.uint8 or len(fields[IMAGE].shape) != 3:
+            raise ValueError(f"source: needs a uint8 (height, width, channels) {IMAGE!r} field, got {fields}")
+        if LABEL not in fields or fields[LABEL].shape != () or fields[LABEL].dtype.kind not in "iu":
+            raise ValueError(f"source: needs an integer scalar {LABEL!r} field, got {fields}")
+        if "x" in fields:
+            raise ValueError(f"source: a field may not be named 'x' (the images' key in a batch), got {sorted(fields)}")
+        rows = range(len(self.records)) if rows is None else rows
+        if rows.step != 1 or not 0 <= rows.start < rows.stop <= len(self.records):
+            raise ValueError(f"rows: must be a non-empty range of step 1 within [0, {len(self.records)}), got {rows}")
+        self.rows = rows
+
+    @classmethod
+    def from_tfds(
+        cls,
+        name: str,
+        split: str,
+        *,
+        data_dir: str | os.PathLike | None = None,
+        worker_count: int = 0,
+        prefetch: int = 2,
+    ) -> "StreamingDataset":
+        """A prepared TFDS split (e.g. 'fashion_mnist', 'train'), read through `tfds.data_source`."""
+        return cls(TfdsReader(name, split, data_dir), worker_count=worker_count, prefetch=prefetch)
+
+    @property
+    def num_examples(self) -> int:
+        """How many examples (rows) this dataset, or this view of one, holds."""
+        return len(self.rows)
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    @property
+    def class_names(self) -> tuple[str, ...] | None:
+        """The label names, when the source records them."""
+        return self.records.class_names
+
+    @property
+    def element_spec(self) -> dict[str, Any]:
+        """One row of a batch without its mask: {'x': Field (or a dict of them, with extras), 'y': Field}."""
+        fields = self.records.fields
+        x = Field(fields[IMAGE].shape, np.dtype(np.float32))
+        extras = {name: field for name, field in fields.items() if name not in (IMAGE, LABEL)}
+        return {"x": {"x": x, **extras} if extras else x, "y": Field((), np.dtype(np.int32))}
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        """Batches in one epoch, the last one partial (and padded) when `batch_size` does not divide the count."""
+        return -(-self.num_examples // _check_count("batch_size", batch_size, 1))
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> batching.Batch:
+        """Rows `indices` of this view in memory, decoded as in a batch ({'x', 'y'}, no mask): e.g. a model's sample."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size and not (0 <= indices.min() and indices.max() < self.num_examples):
+            raise ValueError(f"indices must lie in [0, {self.num_examples}), got {indices.min()} to {indices.max()}")
+        return _to_batch(self.records.read(indices + self.rows.start))
+
+    def split(self, validation_split: float) -> tuple["StreamingDataset", "StreamingDataset | None"]:
+        """(train, validation) views: the LAST `validation_split` of the rows held out, as Keras's fit does.
+
+        The rows are the ones `batching.train_validation_split` keeps for arrays (it is called on row numbers);
+        the validation view is None when `validation_split` is 0.
+        """
+        n = self.num_examples
+        (train, _), (validation, _) = batching.train_validation_split(np.arange(n), np.arange(n), validation_split)
+        start = self.rows.start
+        views = [
+            StreamingDataset(
+                self.records,
+                worker_count=self.worker_count,
+                prefetch=self.prefetch,
+                rows=range(start + int(part[0]), start + int(part[-1]) + 1),
+            )
+            if len(part)
+            else None
+            for part in (train, validation)
+        ]
+        return views[0], views[1]
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = True,
+        pad_multiple: int = 1,
+        process_index: int = 0,
+        process_count: int = 1,
+        start_step: int = 0,
+        num_epochs: int = 1,
+    ) -> BatchIterator:
+        """Epoch `epoch`'s batches (and the next ones', up to `num_epochs`), from step `start_step` on.
+
+        The same dicts, in the same order, as `data.iterate_batches(x, y, batch_size, rng=rng, ...)` over this
+        data in memory, with `rng = np.random.default_rng([seed, epoch])` when `shuffle`, else None; each process
+        reads only its own share of every global batch. Several epochs in one iterator keep its worker
+        processes alive between them.
+        """
+        seed = _check_count("seed", seed, 0)
+        epoch = _check_count("epoch", epoch, 0)
+        num_epochs = _check_count("num_epochs", num_epochs, 1)
+        plan = _Plan(
+            self.num_examples,
+            _check_count("batch_size", batch_size, 1),
+            seed,
+            bool(shuffle),
+            _check_count("pad_multiple", pad_multiple, 1),
+            _check_count("process_index", process_index, 0),
+            _check_count("process_count", process_count, 1),
+        )
+        _epoch_rows(plan, epoch)  # checks the layout as iterate_batches does, with its errors
+        start_step = _check_count("start_step", start_step, 0)
+        if start_step > plan.steps:
+            raise ValueError(f"start_step must be at most the {plan.steps} steps of an epoch, got {start_step}")
+        return BatchIterator(self, plan, epoch * plan.steps + start_step, (epoch + num_epochs) * plan.steps)
+
+    def _pipeline(self, plan: _Plan, start: int, stop: int) -> grain.IterDataset:
+        """Grain's pipeline of the batches at positions [start, stop) (epoch * steps + step) of `plan`."""
+        loaded = grain.MapDataset.range(start, stop).map(_LoadBatch(self.records, self.rows.start, plan))
+        threads = 1 if self.prefetch else 0
+        pipeline = loaded.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=self.prefetch))
+        if self.worker_count:
+            _grain_worker_profiling_flag_readable()
+            options = grain.MultiprocessingOptions(
+                num_workers=self.worker_count, per_worker_buffer_size=max(self.prefetch, 1)
+            )
+            pipeline = pipeline.mp_prefetch(options)
+        return pipeline

@@ -1,0 +1,371 @@
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from array_record.python import array_record_module
+
+from experiments import streaming as experiment
+from flaxlesson import data, launch, models, shards, streaming, training
+from tests.test_images import _prepared_tfds_metadata, _write_idx_dir
+
+N, SIZE = 300, 8
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("idx")
+    _write_idx_dir(folder, n_train=N, n_test=20, size=SIZE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def in_memory(idx_dir):
+    return data.load_idx(idx_dir)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(idx_dir, tmp_path_factory):
+    return shards.write_idx(idx_dir, tmp_path_factory.mktemp("shards") / "train", records_per_shard=64)
+
+
+@pytest.fixture(scope="module")
+def id_shard_dir(idx_dir, tmp_path_factory):
+    """The same images with an extra 'id' field: each record's row number."""
+    images, labels = (
+        data.read_idx(idx_dir / "train-images-idx3-ubyte.gz"),
+        data.read_idx(idx_dir / "train-labels-idx1-ubyte.gz"),
+    )
+    return shards.write_arrays(
+        tmp_path_factory.mktemp("ids") / "train", images, labels, extra={"id": np.arange(N)}, records_per_shard=50
+    )
+
+
+def _assert_same_batches(got, expected):
+    got, expected = list(got), list(expected)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys()
+        for key in b:
+            leaves_a, leaves_b = jax.tree.leaves(a[key]), jax.tree.leaves(b[key])
+            assert jax.tree.structure(a[key]) == jax.tree.structure(b[key])
+            for leaf_a, leaf_b in zip(leaves_a, leaves_b):
+                assert type(leaf_a) is np.ndarray and leaf_a.dtype == leaf_b.dtype
+                np.testing.assert_array_equal(leaf_a, leaf_b)
+
+
+def _rng(seed, epoch, shuffle=True):
+    return np.random.default_rng([seed, epoch]) if shuffle else None
+
+
+# Batches as data.iterate_batches makes them
+
+
+@pytest.mark.parametrize(
+    "batch_size, pad_multiple, shuffle, epoch",
+    [(32, 1, True, 0), (32, 1, True, 2), (32, 1, False, 0), (28, 8, True, 1), (60, 1, True, 0)],
+)
+def test_batches_equal_iterate_batches_over_the_arrays_in_memory(
+    shard_dir, in_memory, batch_size, pad_multiple, shuffle, epoch
+):
+    dataset = streaming.StreamingDataset(shard_dir, prefetch=2)
+    got = dataset.batches(batch_size, seed=7, epoch=epoch, shuffle=shuffle, pad_multiple=pad_multiple)
+    expected = data.iterate_batches(
+        in_memory.x_train, in_memory.y_train, batch_size, rng=_rng(7, epoch, shuffle), pad_multiple=pad_multiple
+    )
+    _assert_same_batches(got, expected)
+
+
+def test_the_last_partial_batch_is_padded_with_its_first_row_and_masked(shard_dir, in_memory):
+    last = list(streaming.StreamingDataset(shard_dir).batches(64, seed=1, pad_multiple=8))[-1]
+    real = N % 64
+    assert last["mask"].tolist() == [1.0] * real + [0.0] * (64 - real)
+    np.testing.assert_array_equal(last["x"][real:], np.broadcast_to(last["x"][0], (64 - real, SIZE, SIZE, 1)))
+
+
+def test_worker_processes_give_the_same_batches(shard_dir, in_memory):
+    dataset = streaming.StreamingDataset(shard_dir, worker_count=1, prefetch=1)
+    with dataset.batches(64, seed=3, epoch=1) as got:
+        _assert_same_batches(got, data.iterate_batches(in_memory.x_train, in_memory.y_train, 64, rng=_rng(3, 1)))
+
+
+def test_several_epochs_in_one_iterator_follow_each_other(shard_dir, in_memory):
+    got = streaming.StreamingDataset(shard_dir).batches(64, seed=2, epoch=1, num_epochs=2)
+    expected = [
+        batch
+        for epoch in (1, 2)
+        for batch in data.iterate_batches(in_memory.x_train, in_memory.y_train, 64, rng=_rng(2, epoch))
+    ]
+    _assert_same_batches(got, expected)
+
+
+def test_extra_fields_join_the_images_as_a_dict_input(id_shard_dir, in_memory):
+    got = streaming.StreamingDataset(id_shard_dir).batches(48, seed=4)
+    x = {"x": in_memory.x_train, "id": np.arange(N)}
+    _assert_same_batches(got, data.iterate_batches(x, in_memory.y_train, 48, rng=_rng(4, 0)))
+
+
+def test_element_spec_and_length_describe_one_row(id_shard_dir):
+    dataset = streaming.StreamingDataset(id_shard_dir)
+    assert len(dataset) == dataset.num_examples == N and dataset.steps_per_epoch(64) == 5
+    assert dataset.element_spec == {
+        "x": {
+            "x": streaming.Field((SIZE, SIZE, 1), np.dtype(np.float32)),
+            "id": streaming.Field((), np.dtype(np.int64)),
+        },
+        "y": streaming.Field((), np.dtype(np.int32)),
+    }
+
+
+# Processes
+
+
+def test_processes_get_their_share_of_every_global_batch(id_shard_dir, in_memory):
+    dataset = streaming.StreamingDataset(id_shard_dir)
+    x = {"x": in_memory.x_train, "id": np.arange(N)}
+    for index in range(2):
+        got = dataset.batches(30, seed=5, pad_multiple=8, process_index=index, process_count=2)
+        expected = data.iterate_batches(
+            x, in_memory.y_train, 30, rng=_rng(5, 0), pad_multiple=8, process_index=index, process_count=2
+        )
+        _assert_same_batches(got, expected)
+
+
+def test_two_processes_cover_each_epoch_exactly_once(id_shard_dir):
+    dataset = streaming.StreamingDataset(id_shard_dir)
+    for epoch in range(2):
+        ids = []
+        for index in range(2):
+            for batch in dataset.batches(32, seed=5, epoch=epoch, pad_multiple=8, process_index=index, process_count=2):
+                ids += batch["x"]["id"][batch["mask"] > 0].tolist()
+        assert sorted(ids) == list(range(N))
+
+
+def test_each_process_reads_only_its_share(shard_dir, monkeypatch):
+    dataset = streaming.StreamingDataset(shard_dir, prefetch=0)
+    read, original = [], dataset.records.read
+    monkeypatch.setattr(dataset.records, "read", lambda indices: read.append(np.asarray(indices)) or original(indices))
+    batches = list(dataset.batches(32, seed=1, process_index=1, process_count=2))
+    assert [len(rows) for rows in read] == [16] * len(batches)
+    shares = [batch["x"][16:] for batch in data.iterate_batches(np.arange(N), None, 32, rng=_rng(1, 0))]
+    np.testing.assert_array_equal(np.concatenate(read), np.concatenate(shares))
+
+
+def test_two_real_processes_on_loopback_read_disjoint_shares(id_shard_dir):
+    code = (
+        "import json, jax\n"
+        "from flaxlesson import parallel, streaming\n"
+        "parallel.initialize()\n"
+        f"dataset = streaming.StreamingDataset({str(id_shard_dir)!r})\n"
+        "ids = []\n"
+        "for batch in dataset.batches(32, seed=6, pad_multiple=8, process_index=jax.process_index(),\n"
+        "                             process_count=jax.process_count()):\n"
+        "    ids.append(batch['x']['id'][batch['mask'] > 0].tolist())\n"
+        "print('IDS', json.dumps([jax.process_index(), ids]))\n"
+    )
+    outputs = launch.launch_local(["-c", code], 2, timeout=120)
+    shares = dict(json.loads(line.split(" ", 1)[1]) for out in outputs for line in out.splitlines() if "IDS" in line)
+    for index in range(2):
+        expected = data.iterate_batches(
+            np.arange(N), None, 32, rng=_rng(6, 0), pad_multiple=8, process_index=index, process_count=2
+        )
+        assert shares[index] == [batch["x"][batch["mask"] > 0].tolist() for batch in expected]
+    assert sorted(i for share in shares.values() for batch in share for i in batch) == list(range(N))
+
+
+# Resuming
+
+
+def test_a_restored_state_continues_mid_epoch_exactly(shard_dir):
+    dataset = streaming.StreamingDataset(shard_dir)
+    uninterrupted = list(dataset.batches(32, seed=9, epoch=1, num_epochs=2))
+    first = dataset.batches(32, seed=9, epoch=1, num_epochs=2)
+    for _ in range(4):
+        next(first)
+    state = json.loads(json.dumps(first.get_state()))
+    assert (state["epoch"], state["step"], state["seed"]) == (1, 4, 9)
+    resumed = dataset.batches(32, seed=9, epoch=1, num_epochs=2)
+    resumed.set_state(state)
+    assert len(resumed) == len(uninterrupted) - 4
+    _assert_same_batches(resumed, uninterrupted[4:])
+
+
+def test_start_step_resumes_as_set_state_does(shard_dir):
+    dataset = streaming.StreamingDataset(shard_dir)
+    uninterrupted = list(dataset.batches(32, seed=9, epoch=3))
+    _assert_same_batches(dataset.batches(32, seed=9, epoch=3, start_step=7), uninterrupted[7:])
+
+
+@pytest.mark.parametrize("key, value", [("seed", 10), ("batch_size", 16), ("process_index", 1)])
+def test_a_state_of_another_seed_or_layout_is_rejected(shard_dir, key, value):
+    dataset = streaming.StreamingDataset(shard_dir)
+    state = {**dataset.batches(32, seed=9, process_count=2).get_state(), key: value}
+    with pytest.raises(ValueError, match=f"state: {key}"):
+        dataset.batches(32, seed=9, process_count=2).set_state(state)
+
+
+# Validation split
+
+
+def test_split_holds_out_the_last_fraction_as_train_validation_split_does(shard_dir, in_memory):
+    train, validation = streaming.StreamingDataset(shard_dir).split(0.25)
+    (x_train, y_train), (x_val, y_val) = data.train_validation_split(in_memory.x_train, in_memory.y_train, 0.25)
+    assert (len(train), len(validation)) == (len(x_train), len(x_val))
+    _assert_same_batches(train.batches(32, seed=2), data.iterate_batches(x_train, y_train, 32, rng=_rng(2, 0)))
+    _assert_same_batches(validation.batches(32, shuffle=False), data.iterate_batches(x_val, y_val, 32))
+
+
+def test_split_of_zero_has_no_validation_view(shard_dir):
+    train, validation = streaming.StreamingDataset(shard_dir).split(0.0)
+    assert len(train) == N and validation is None
+
+
+# Errors that name the file
+
+
+@pytest.fixture
+def damaged(shard_dir, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(shard_dir, copy)
+    return copy
+
+
+def test_a_missing_metadata_file_is_named(damaged):
+    (damaged / "metadata.json").unlink()
+    with pytest.raises(streaming.ShardError, match=f"{damaged / 'metadata.json'}: no such file"):
+        streaming.StreamingDataset(damaged)
+
+
+def test_a_missing_shard_is_named(damaged):
+    (damaged / "shard-00002.array_record").unlink()
+    with pytest.raises(streaming.ShardError, match=f"{damaged / 'shard-00002.array_record'}: missing shard"):
+        streaming.StreamingDataset(damaged)
+
+
+@pytest.mark.parametrize("size", [4000, 100_000])
+def test_a_truncated_shard_is_named(damaged, size):
+    shard = damaged / "shard-00001.array_record"
+    shard.write_bytes(shard.read_bytes()[:size])
+    with pytest.raises(streaming.ShardError, match=f"{shard}: .*truncated"):
+        streaming.StreamingDataset(damaged)
+
+
+def test_a_shard_of_other_shapes_is_named_when_opened(damaged, tmp_path):
+    other = shards.write_arrays(tmp_path / "other", np.zeros((64, 4, 16), np.uint8), np.zeros(64, np.int32))
+    shutil.copy(other / "shard-00000.array_record", damaged / "shard-00003.array_record")
+    with pytest.raises(
+        streaming.ShardError, match=r"shard-00003.array_record: record 0 field 'image' is .* \(4, 16, 1\)"
+    ):
+        streaming.StreamingDataset(damaged)
+
+
+def test_a_record_of_another_shape_inside_a_shard_is_named_when_read(damaged):
+    shard = damaged / "shard-00001.array_record"
+    writer = array_record_module.ArrayRecordWriter(str(shard), shards.DEFAULT_OPTIONS)
+    for i in range(64):
+        image = np.zeros((2, 32, 1) if i == 5 else (SIZE, SIZE, 1), np.uint8)
+        writer.write(streaming.encode_record({"image": image, "label": np.int32(0)}))
+    writer.close()
+    dataset = streaming.StreamingDataset(damaged, prefetch=0)
+    with pytest.raises(streaming.ShardError, match=f"{shard}: record 5 field 'image' is uint8 of shape \\(2, 32, 1\\)"):
+        list(dataset.batches(64, shuffle=False))
+
+
+def test_writing_into_a_folder_that_holds_shards_is_refused(shard_dir):
+    with pytest.raises(ValueError, match="out_dir: .* already holds shards"):
+        shards.write_arrays(shard_dir, np.zeros((2, 4, 4), np.uint8), np.zeros(2, np.int32))
+
+
+def test_float_images_are_refused_with_the_conversion_to_use(tmp_path):
+    with pytest.raises(ValueError, match=r"images must be uint8 .*astype\(np.uint8\)"):
+        shards.write_arrays(tmp_path / "f", np.zeros((2, 4, 4), np.float32), np.zeros(2, np.int32))
+
+
+@pytest.mark.parametrize("kwargs, match", [({"batch_size": 0}, "batch_size"), ({"process_count": 3}, "process_count")])
+def test_bad_batch_settings_are_rejected_by_name(shard_dir, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        streaming.StreamingDataset(shard_dir).batches(**{"batch_size": 32, **kwargs})
+
+
+# TFDS
+
+
+@pytest.fixture
+def prepared_mnist(tmp_path):
+    root = _prepared_tfds_metadata(tmp_path / "tfds", lengths=(("train", 40), ("test", 4)))
+    with tfds.testing.mock_data(num_examples=40, data_dir=str(root), policy=tfds.testing.MockPolicy.USE_FILES):
+        yield root
+
+
+def test_a_prepared_tfds_split_streams_as_load_tfds_reads_it(prepared_mnist):
+    images = data.load_tfds("mnist", prepared_mnist)
+    dataset = streaming.StreamingDataset.from_tfds("mnist", "train", data_dir=prepared_mnist, prefetch=0)
+    assert dataset.class_names == images.class_names
+    _assert_same_batches(
+        dataset.batches(16, seed=1), data.iterate_batches(images.x_train, images.y_train, 16, rng=_rng(1, 0))
+    )
+
+
+def test_a_tfds_split_written_as_shards_reads_back_the_same(prepared_mnist, tmp_path):
+    images = data.load_tfds("mnist", prepared_mnist)
+    out = shards.write_tfds("mnist", "train", tmp_path / "mnist", data_dir=prepared_mnist, records_per_shard=16)
+    dataset = streaming.StreamingDataset(out)
+    assert len(dataset.records.files) == 3 and dataset.class_names == images.class_names
+    _assert_same_batches(dataset.batches(16, shuffle=False), data.iterate_batches(images.x_train, images.y_train, 16))
+
+
+# The experiment
+
+
+@pytest.mark.parametrize("steps_per_execution", [1, 3])
+def test_a_streaming_fit_and_an_in_memory_fit_end_with_the_same_params(shard_dir, in_memory, steps_per_execution):
+    model = models.CNN(features=(4,), dense=16, num_classes=3)
+    start = training.create_train_state(model, in_memory.x_train[:1], seed=0)
+    settings = {"epochs": 2, "batch_size": 32, "seed": 3, "validation_split": 0.2, "verbose": 0}
+    streamed, history = training.fit(
+        start, streaming.StreamingDataset(shard_dir), steps_per_execution=steps_per_execution, **settings
+    )
+    held, held_history = training.fit(start, in_memory.x_train, in_memory.y_train, **settings)
+    assert int(streamed.step) == int(held.step)
+    for a, b in zip(jax.tree.leaves(streamed.params), jax.tree.leaves(held.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(history.history["val_loss"], held_history.history["val_loss"], rtol=1e-5)
+
+
+def test_evaluate_and_predict_take_a_streaming_dataset(shard_dir, in_memory):
+    state = training.create_train_state(models.CNN(features=(4,), dense=16, num_classes=3), in_memory.x_train[:1])
+    dataset = streaming.StreamingDataset(shard_dir)
+    np.testing.assert_allclose(
+        training.predict(state, dataset), training.predict(state, in_memory.x_train), rtol=1e-6, atol=1e-7
+    )
+    result, held = training.evaluate(state, dataset), training.evaluate(state, in_memory.x_train, in_memory.y_train)
+    np.testing.assert_allclose([result["loss"], result["accuracy"]], [held["loss"], held["accuracy"]], rtol=1e-6)
+
+
+def test_the_experiment_writes_its_metrics(tmp_path):
+    metrics = experiment.main(
+        ["--copies=2", "--steps=3", "--dataset=digits", "--limit=50", "--workers=0", "--prefetch=0"]
+        + [f"--out={tmp_path}"]
+    )
+    assert metrics["num_examples"] == 100 and metrics["dataset_bytes"] > 100 * 28 * 28
+    assert metrics["peak_rss_bytes"] >= metrics["peak_rss_main_bytes"] > 0
+    assert metrics["samples_per_second"] > 0 and metrics["in_memory_samples_per_second"] > 0
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_examples"] == 100
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--copies=0", "argument --copies: must be a positive integer"),
+        ("--steps=x", "argument --steps: must be an integer"),
+    ],
+)
+def test_the_experiment_rejects_a_bad_flag_with_one_error_line(flag, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        experiment.main([flag])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0]
