@@ -443,3 +443,37 @@ def test_sigterm_to_one_of_two_processes_stops_both_after_the_same_step_with_a_c
     assert codes == [flags.TERMINATED_EXIT_CODE] * 2
     position = checkpoint.latest_position(tmp_path / "c")
     assert (0, 5) < (position.epoch, position.step) < (3, 0)
+
+
+def test_a_streamed_fit_stopped_mid_epoch_resumes_to_the_uninterrupted_params_bit_for_bit(tmp_path):
+    from flaxlesson import shards, streaming
+
+    rng = np.random.default_rng(1)
+    images, labels = rng.integers(0, 256, size=(50, 8, 8, 1), dtype=np.uint8), rng.integers(0, 3, size=50)
+    dataset = streaming.StreamingDataset(shards.write_arrays(tmp_path / "shards", images, labels, records_per_shard=20))
+    model = models.CNN(features=(4,), dense=8, num_classes=3)
+
+    def fit(start, *callbacks):
+        return training.fit(
+            start.state,
+            dataset,
+            epochs=2,
+            batch_size=8,
+            seed=SEED,
+            verbose=0,
+            initial_epoch=start.initial_epoch,
+            initial_step=start.initial_step,
+            callbacks=[*start.callbacks, *callbacks],
+        )[0]
+
+    def fresh():
+        return training.create_train_state(model, images[:1].astype(np.float32))
+
+    def begin(**kwargs):
+        return checkpoint.resume_or_start(tmp_path / "c", fresh(), seed=SEED, save_freq=2, **kwargs)
+
+    uninterrupted = fit(checkpoint.Start(fresh(), 0, 0, []))
+    fit(begin(), StopAt(1, 3))
+    start = begin(resume=True)
+    assert (start.initial_epoch, start.initial_step) == (1, 3)
+    _assert_equal(fit(start).params, uninterrupted.params)
