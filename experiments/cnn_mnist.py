@@ -53,6 +53,7 @@ class Config(flags.Config):
     limit: int | None = None
     seed: int = 0
     checkpoint_dir: str | None = None
+    save_freq: int | str = "epoch"
     resume: bool = False
     out: str = "runs/cnn_mnist"
 
@@ -87,13 +88,18 @@ def run(config: Config) -> dict:
         y_test = data.to_categorical(images.y_test, images.num_classes)
     state = training.create_train_state(model, images.x_train[:1], seed=config.seed, loss=loss)
     try:
-        state, initial_epoch, callbacks = checkpoint.resume_or_start(
-            config.checkpoint_dir, state, resume=config.resume, strategy=config.strategy
+        start = checkpoint.resume_or_start(
+            config.checkpoint_dir,
+            state,
+            resume=config.resume,
+            strategy=config.strategy,
+            seed=config.seed,
+            save_freq=config.save_freq,
         )
     except checkpoint.CheckpointError as e:
         raise flags.ConfigError("checkpoint_dir", str(e)) from None
     state, history = training.fit(
-        state,
+        start.state,
         images.x_train,
         y_train,
         epochs=config.epochs,
@@ -102,8 +108,9 @@ def run(config: Config) -> dict:
         validation_split=config.validation_split,
         seed=config.seed,
         strategy=config.strategy,
-        initial_epoch=initial_epoch,
-        callbacks=callbacks,
+        initial_epoch=start.initial_epoch,
+        initial_step=start.initial_step,
+        callbacks=start.callbacks,
         augment=augment.LESSON_GENERATOR if config.augment else None,
     )
     test = training.evaluate(state, images.x_test, y_test, strategy=config.strategy)
@@ -119,6 +126,7 @@ def run(config: Config) -> dict:
         "class_names": images.class_names,
         "train_test_sizes": [len(images.x_train), len(images.x_test)],
         "confusion_matrix": matrix,
+        "params_fingerprint": checkpoint.fingerprint(state.params),
         "settings": dataclasses.asdict(config),
         **flags.interrupted(history),
     }
@@ -137,7 +145,9 @@ def run(config: Config) -> dict:
     plots.confusion_matrix(matrix, images.class_names, f"{config.out}/confusion_matrix.png", title=f"{title}: test set")
     speed = metrics["train_samples_per_second"]
     trained = (
-        f"{speed:,.0f} train samples/s" if speed is not None else f"nothing left to train after epoch {initial_epoch}"
+        f"{speed:,.0f} train samples/s"
+        if speed is not None
+        else f"nothing left to train after epoch {start.initial_epoch}"
     )
     print(f"Test Accuracy: {test['accuracy']:.4f} ({images.name}); {trained} -> {config.out}/metrics.json")
     return metrics

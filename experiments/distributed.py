@@ -8,6 +8,7 @@ device of one process or of several, and is compared with a single-device run of
     python experiments/distributed.py --strategy pmap --cpu-devices 8                # 8 virtual CPU devices
     python experiments/distributed.py --processes 2 --cpu-devices 4                  # 2 processes on 127.0.0.1
     python experiments/distributed.py --checkpoint-dir runs/ckpt --resume            # save each epoch, resume
+    python experiments/distributed.py --processes 2 --checkpoint-dir runs/ckpt --save-freq 20 --max-restarts 1
     # several hosts: on each, --coordinator HOST0:PORT --processes N --process-id I (or JAX_* variables)
 """
 
@@ -77,6 +78,7 @@ class Config(flags.Config):
     timeout: float = 600.0
     max_restarts: int = 0
     checkpoint_dir: str | None = None
+    save_freq: int | str = "epoch"
     resume: bool = False
     out: str = "runs/distributed"
 
@@ -125,8 +127,8 @@ def train(config: Config) -> dict:
     lead = jax.process_index() == 0
     # A process restarted by the launcher resumes from the newest checkpoint, whatever --resume says.
     resume = config.resume or (config.checkpoint_dir is not None and worker.restart_attempt() > 0)
-    state, initial_epoch, callbacks = checkpoint.resume_or_start(
-        config.checkpoint_dir, state, resume=resume, strategy=strategy
+    start = checkpoint.resume_or_start(
+        config.checkpoint_dir, state, resume=resume, strategy=strategy, seed=config.seed, save_freq=config.save_freq
     )
     same = {
         "epochs": config.epochs,
@@ -135,12 +137,13 @@ def train(config: Config) -> dict:
         "steps_per_execution": config.steps_per_execution,
     }
     state, history = training.fit(
-        state,
+        start.state,
         x,
         y,
-        initial_epoch=initial_epoch,
+        initial_epoch=start.initial_epoch,
+        initial_step=start.initial_step,
         strategy=strategy,
-        callbacks=callbacks,
+        callbacks=start.callbacks,
         verbose=2 if lead else 0,
         **same,
     )
@@ -164,10 +167,12 @@ def train(config: Config) -> dict:
         "num_devices": strategy.num_replicas,
         "num_processes": jax.process_count(),
         "device_kind": jax.devices()[0].device_kind,
-        "initial_epoch": initial_epoch,
+        "initial_epoch": start.initial_epoch,
+        "initial_step": start.initial_step,
         "step_seconds": _step_seconds(history, config.samples, config.batch_size),
         "single_device_step_seconds": _step_seconds(single, config.samples, config.batch_size),
         "max_abs_param_diff": diff,
+        "params_fingerprint": checkpoint.fingerprint(params),
         **history.summary(),
         "settings": {k: v for k, v in dataclasses.asdict(config).items() if k not in PLACEMENT},
         **stopped,
@@ -187,7 +192,9 @@ def train(config: Config) -> dict:
             f"{metrics['single_device_step_seconds'] * 1e3:.2f} ms), max |params - one-device params| = {diff:.2e}"
         )
     else:
-        timing = f"nothing left to train after epoch {initial_epoch}, max |params - one-device params| = {diff:.2e}"
+        timing = (
+            f"nothing left to train after epoch {start.initial_epoch}, max |params - one-device params| = {diff:.2e}"
+        )
     print(
         f"{config.strategy}: {metrics['num_devices']} device(s) in {metrics['num_processes']} process(es), {timing} "
         f"-> {config.out}/metrics.json",

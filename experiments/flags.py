@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 from flaxlesson import checkpoint, data, parallel, results
 
 INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a process stopped by Ctrl-C (128 + SIGINT)
+TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM: a run stopped by SIGTERM (a preemption), its checkpoint saved
 
 
 def _number(text: str, kind: type, wanted: str, ok: Callable[[Any], bool]) -> Any:
@@ -51,6 +52,11 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
 
 def steps_per_execution(text: str) -> int | str:
     """Keras's steps_per_execution: a positive integer, or 'epoch' for a whole epoch per compiled call."""
+    return "epoch" if text == "epoch" else _number(text, int, "a positive integer or 'epoch'", lambda v: v >= 1)
+
+
+def save_freq(text: str) -> int | str:
+    """Keras's save_freq: a positive number of train steps between checkpoints, or 'epoch'."""
     return "epoch" if text == "epoch" else _number(text, int, "a positive integer or 'epoch'", lambda v: v >= 1)
 
 
@@ -116,8 +122,9 @@ SHARED: dict[str, Flag] = {
     "strategy": Flag("how the training step is placed on devices", choices=tuple(sorted(parallel.STRATEGIES))),
     "limit": Flag("use only the first N training and N test images (quick runs)", positive_int),
     "seed": Flag("seeds the initialisation and the shuffling", non_negative_int),
-    "checkpoint_dir": Flag("save the train state here after every epoch"),
-    "resume": Flag("continue from the newest checkpoint in --checkpoint-dir", None),
+    "checkpoint_dir": Flag("save the train state and data position here (every --save-freq steps), for --resume"),
+    "resume": Flag("continue from the newest good checkpoint in --checkpoint-dir, mid-epoch included", None),
+    "save_freq": Flag("train steps between checkpoints in --checkpoint-dir, or 'epoch'", save_freq),
     "out": Flag("folder for metrics.json and the plots"),
     "steps_per_execution": Flag(
         "training steps per compiled call (lax.scan), or 'epoch'; the update is the same for every value",
@@ -154,6 +161,8 @@ class Config:
                 raise ConfigError(field.name, str(error)) from None
         if getattr(self, "resume", False) and getattr(self, "checkpoint_dir", None) is None:
             raise ConfigError("resume", "needs --checkpoint-dir")
+        if getattr(self, "save_freq", "epoch") != "epoch" and getattr(self, "checkpoint_dir", None) is None:
+            raise ConfigError("save_freq", "needs --checkpoint-dir")
 
 
 def flag_of(config_type: type, name: str) -> Flag:
@@ -214,32 +223,48 @@ def check_before_training(config: Config) -> None:
             except ValueError as problem:
                 raise ConfigError(name, str(problem).removeprefix("path: ")) from None
     if getattr(config, "resume", False):
-        trained = checkpoint.latest_epoch(config.checkpoint_dir)
-        if trained is not None and trained > config.epochs:
+        trained = checkpoint.latest_position(config.checkpoint_dir)
+        if trained is not None and (trained.epoch, trained.step) > (config.epochs, 0):
             raise ConfigError(
                 "resume",
-                f"the newest checkpoint in {config.checkpoint_dir!r} has trained {trained} epochs, past "
-                f"--epochs {config.epochs}; ask for at least {trained}",
+                f"the newest checkpoint in {config.checkpoint_dir!r} has trained {trained.describe()}, past "
+                f"--epochs {config.epochs}; ask for at least {trained.epoch + (trained.step > 0)}",
             )
 
 
-def interrupted(*histories: Any) -> dict[str, bool]:
-    """`{"interrupted": True}` for metrics.json when a fit was stopped by Ctrl-C, else nothing."""
-    return {"interrupted": True} if any(getattr(h, "interrupted", False) for h in histories) else {}
+def interrupted(*histories: Any) -> dict[str, Any]:
+    """For metrics.json when a fit was stopped early: `{"interrupted": True, "interrupted_by": what}`, else {}.
+
+    `what` is History.interrupted: 'SIGINT' (Ctrl-C), 'SIGTERM' (a preemption) or the callback that stopped it.
+    """
+    reasons = [h.interrupted for h in histories if getattr(h, "interrupted", None)]
+    return {"interrupted": True, "interrupted_by": reasons[0]} if reasons else {}
+
+
+def exit_code(metrics: dict) -> int:
+    """A script's exit status: 0 when it ran to the end, 143 when SIGTERM stopped it, 130 when otherwise stopped."""
+    if not metrics.get("interrupted"):
+        return 0
+    return TERMINATED_EXIT_CODE if metrics.get("interrupted_by") == "SIGTERM" else INTERRUPTED_EXIT_CODE
 
 
 def execute(parser: argparse.ArgumentParser, run: Callable[[Any], dict], config: Config) -> dict:
-    """A script's main after parsing: check what can be checked before training, run, exit 130 if interrupted.
+    """A script's main after parsing: check what can be checked before training, run, exit as `exit_code` says.
 
     A ConfigError, before or during the run (data that is not there, a checkpoint of another model), exits as
-    a usage error. After Ctrl-C the run has written metrics.json and its plots for what finished.
+    a usage error; a checkpoint that cannot be written (a full disk) exits 1 with its one-line error. After
+    Ctrl-C (exit 130) or SIGTERM (exit 143) the run has written metrics.json and its plots for what finished,
+    and its checkpoint when it has a --checkpoint-dir.
     """
     try:
         check_before_training(config)
         metrics = run(config)
     except ConfigError as problem:
         error(parser, problem)
+    except checkpoint.CheckpointWriteError as problem:
+        print(f"{parser.prog}: error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if metrics.get("interrupted"):
-        print(f"Interrupted: {config.out} holds what finished", flush=True)
-        sys.exit(INTERRUPTED_EXIT_CODE)
+        print(f"Interrupted ({metrics.get('interrupted_by')}): {config.out} holds what finished", flush=True)
+        sys.exit(exit_code(metrics))
     return metrics

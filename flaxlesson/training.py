@@ -4,7 +4,10 @@ A fit composes three parts: a batch source (`sources`: host arrays, or arrays re
 each epoch's index order travels), an executor (K steps per compiled call through `lax.scan`, Keras's
 `steps_per_execution`), and callbacks (`callbacks`) at epoch ends and after every call. Every combination gives
 the update of the plain one-step loop over the same global batches. SIGINT and SIGTERM stop a fit cleanly after
-the call in flight: it returns its state and the epochs that finished, and `History.interrupted` says why.
+the call in flight: it returns its state and the epochs that finished, and `History.interrupted` says why. In a
+run of several processes every process must stop after the same call, so SIGTERM is left to JAX's preemption
+service (installed by `jax.distributed.initialize`), which passes the notice to every process and agrees on the
+call to stop after (`multihost_utils.reached_preemption_sync_point`, asked once per call).
 """
 
 import contextlib
@@ -20,6 +23,7 @@ from typing import Any
 import flax
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from flaxlesson import batching, checks, parallel, sources, steps
 from flaxlesson.callbacks import Callback, History, LambdaCallback, ProgressBar
@@ -181,9 +185,20 @@ def _run_totals(
     return _means(jax.device_get(strategy.unreplicate(totals)))
 
 
+def _agreed_stops(strategy: parallel.Strategy) -> bool:
+    """Whether SIGTERM is left to JAX's preemption service: a strategy over several processes, with the service on."""
+    if strategy.process_count == 1:
+        return False
+    try:
+        multihost_utils.reached_preemption_sync_point(0)
+    except RuntimeError:  # the service is off (jax_enable_preemption_service)
+        return False
+    return True
+
+
 @contextlib.contextmanager
-def _stop_requests() -> Iterator[dict[str, str]]:
-    """While a fit runs, record the first SIGINT or SIGTERM (the fit stops after its call).
+def _stop_requests(signals: tuple[signal.Signals, ...]) -> Iterator[dict[str, str]]:
+    """While a fit runs, record the first of `signals` (SIGINT, SIGTERM) to arrive (the fit stops after its call).
 
     A second SIGINT raises KeyboardInterrupt as usual. Only the main thread takes signals; elsewhere nothing changes.
     """
@@ -197,7 +212,7 @@ def _stop_requests() -> Iterator[dict[str, str]]:
             raise KeyboardInterrupt
         requests["signal"] = signal.Signals(signum).name
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield requests
     finally:
@@ -223,6 +238,7 @@ def fit(
     epochs: int = 1,
     batch_size: int = 32,
     initial_epoch: int = 0,
+    initial_step: int = 0,
     validation_split: float = 0.0,
     validation_data: tuple[Any, np.ndarray] | sources.Streamable | None = None,
     shuffle: bool = True,
@@ -245,6 +261,9 @@ def fit(
     `strategy` ('single', 'sharded', 'pmap' or a `parallel` strategy object) says where the steps run; each gives
     the same update for the same global batch. `initial_epoch`, as in Keras, resumes a run: epochs
     `initial_epoch` .. `epochs - 1` are trained, each shuffled as it would have been in the uninterrupted run.
+    `initial_step` resumes inside epoch `initial_epoch`: its order is drawn again from (`seed`, epoch) and its
+    first `initial_step` steps are skipped, so with the state saved there the run ends as the uninterrupted one
+    does; that epoch's History entry (loss, accuracy, samples/s) then covers only the steps this fit ran.
     `steps_per_execution` (an int, or 'epoch') runs that many steps per compiled call, with the same update.
     `data_on_device` keeps x and y on the device(s), moving only each epoch's index order; None decides by size
     (`sources.RESIDENT_SHARE` of one device's memory). `steps_per_epoch` (Keras's) cuts each epoch to its first
@@ -255,6 +274,7 @@ def fit(
         checks.positive_int("steps_per_epoch", steps_per_epoch)
     checks.positive_int("batch_size", batch_size)
     initial_epoch = checks.integer("initial_epoch", initial_epoch, low=0, high=epochs)
+    initial_step = checks.non_negative_int("initial_step", initial_step)
     _check_data(state, x, y)
     callbacks = _as_callbacks(callbacks)
     if isinstance(x, sources.Streamable):
@@ -274,6 +294,11 @@ def fit(
     if steps_per_epoch is not None:
         total_steps = min(total_steps, steps_per_epoch)
     n = min(source.num_examples, total_steps * batch_size)
+    if initial_step and not (initial_epoch < epochs and initial_step < total_steps):
+        raise ValueError(
+            f"initial_step must be below the {total_steps} steps of an epoch, and 0 when no epoch is left to "
+            f"train (initial_epoch={initial_epoch}, epochs={epochs}), got {initial_step}"
+        )
     k = sources.steps_per_call(steps_per_execution, total_steps)
     executor = _Executor(strategy, k)
 
@@ -298,7 +323,10 @@ def fit(
     logs: dict[str, float] = {}
     for callback in callbacks:
         callback.set_params({"epochs": epochs, "steps": total_steps, "samples": n, "verbose": verbose})
-    with _stop_requests() as stop, contextlib.closing(source):
+    agreed = _agreed_stops(strategy)
+    calls = 0
+    signals = (signal.SIGINT,) if agreed else (signal.SIGINT, signal.SIGTERM)
+    with _stop_requests(signals) as stop, contextlib.closing(source):
         for callback in callbacks:
             callback.on_train_begin(strategy.unreplicate(state))
         for epoch in range(initial_epoch, epochs):
@@ -306,17 +334,22 @@ def fit(
                 callback.on_epoch_begin(epoch, strategy.unreplicate(state))
             progress = ProgressBar(total_steps, enabled=verbose == 1)
             start = time.perf_counter()
-            totals, done = strategy.replicate(zero_totals()), 0
+            skip = initial_step if epoch == initial_epoch else 0
+            totals, done = strategy.replicate(zero_totals()), skip
             epoch_inputs = source.epoch_inputs(batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
-            for inputs, count, real in executor.calls(itertools.islice(epoch_inputs, total_steps)):
+            for inputs, count, real in executor.calls(itertools.islice(epoch_inputs, skip, total_steps)):
                 state, totals = train_call(state, totals, key, source.data, inputs, count)
                 done += real
                 progress.update(done)
                 state = _batch_end(callbacks, epoch, done, _RunningLogs(totals, strategy), state, strategy)
+                calls += 1
+                if agreed and multihost_utils.reached_preemption_sync_point(calls):
+                    stop["signal"] = "SIGTERM"
                 if stop or _stopping(callbacks):
                     break
             sums = jax.device_get(strategy.unreplicate(totals))
             train_seconds = time.perf_counter() - start
+            samples = n - skip * batch_size  # the skipped steps are whole batches
             progress.close()
             if done < total_steps:
                 history.interrupted = stop.get("signal") or _stopper(callbacks)
@@ -329,12 +362,12 @@ def fit(
                 metrics = " - ".join(f"{name}: {value:.4f}" for name, value in logs.items())
                 print(
                     f"Epoch {epoch + 1}/{epochs} - {time.perf_counter() - start:.2f}s - "
-                    f"{n / train_seconds:,.0f} samples/s - {metrics}",
+                    f"{samples / train_seconds:,.0f} samples/s - {metrics}",
                     flush=True,
                 )
             for callback in callbacks:
                 state = _replace(state, callback.on_epoch_end(epoch, logs, strategy.unreplicate(state)), strategy)
-            history.append(epoch, logs, time.perf_counter() - start, n / train_seconds)
+            history.append(epoch, logs, time.perf_counter() - start, samples / train_seconds)
             if stop or _stopping(callbacks):
                 if epoch + 1 < epochs:
                     history.interrupted = stop.get("signal") or _stopper(callbacks)

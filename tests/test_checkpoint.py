@@ -75,8 +75,8 @@ def test_saved_on_one_device_resumes_on_eight(tmp_path):
 
 def test_a_checkpoint_is_written_every_epoch_keeping_the_newest(tmp_path):
     _fit(_state(), 3, callbacks=[checkpoint.ModelCheckpoint(tmp_path, _state(), max_to_keep=2)])
-    assert checkpoint.all_epochs(tmp_path) == [2, 3]
-    assert checkpoint.latest_epoch(tmp_path) == 3
+    assert checkpoint.steps(tmp_path) == [8, 12]  # 4 steps an epoch
+    assert checkpoint.latest_position(tmp_path) == checkpoint.Position(epoch=3, step=0, seed=0)
 
 
 def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -95,16 +95,16 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
             _state(), 3, callbacks=[training.LambdaCallback(on_epoch_end=interrupt_saves_after_the_first_epoch), saver]
         )
     monkeypatch.undo()
-    assert checkpoint.all_epochs(tmp_path) == [1]
+    assert checkpoint.steps(tmp_path) == [4]
     restored, epoch = checkpoint.restore(tmp_path, _state())
     _assert_close(restored.params, after_one.params, rtol=0)
     resumed = _fit(
         restored,
         3,
         initial_epoch=epoch,
-        callbacks=[checkpoint.ModelCheckpoint(tmp_path, _state(), initial_epoch=epoch)],
+        callbacks=[checkpoint.ModelCheckpoint(tmp_path, restored, initial_epoch=epoch)],
     )
-    assert checkpoint.all_epochs(tmp_path) == [2, 3]
+    assert checkpoint.steps(tmp_path) == [8, 12]
     _assert_close(resumed.params, _fit(_state(), 3).params)
 
 
@@ -135,9 +135,12 @@ def test_other_optimiser_state_is_refused(tmp_path):
 
 
 def test_checkpoints_this_run_would_overwrite_are_refused(tmp_path):
-    checkpoint.save(tmp_path, _state(), 2)
+    _fit(_state(), 2, callbacks=[checkpoint.ModelCheckpoint(tmp_path, _state())])
     before = _snapshot(tmp_path)
-    with pytest.raises(ValueError, match=r"already holds checkpoints of epochs \[2\], past initial_epoch=0"):
+    with pytest.raises(
+        ValueError,
+        match=r"already holds checkpoints of epochs \[1, 2\] \(train steps \[4, 8\]\), past this run's start",
+    ):
         checkpoint.ModelCheckpoint(tmp_path, _state())
     assert _snapshot(tmp_path) == before
 
@@ -150,7 +153,7 @@ def test_restoring_from_a_directory_without_checkpoints_is_refused(tmp_path):
 
 def test_restoring_a_missing_epoch_is_refused(tmp_path):
     checkpoint.save(tmp_path, _state(), 1)
-    with pytest.raises(ValueError, match=r"no checkpoint of epoch 4 .*there are \[1\]"):
+    with pytest.raises(ValueError, match=r"no good checkpoint of epoch 4 in"):
         checkpoint.restore(tmp_path, _state(), epoch=4)
 
 
@@ -162,8 +165,7 @@ def test_bad_initial_epoch_is_rejected(initial_epoch):
 
 def test_resume_or_start_without_a_directory_saves_nothing():
     state = _state()
-    started, initial_epoch, callbacks = checkpoint.resume_or_start(None, state)
-    assert started is state and initial_epoch == 0 and callbacks == []
+    assert checkpoint.resume_or_start(None, state) == (state, 0, 0, [])
 
 
 def test_resume_without_a_directory_is_rejected():
