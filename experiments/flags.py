@@ -235,7 +235,8 @@ def check_before_training(config: Config) -> None:
 def interrupted(*histories: Any) -> dict[str, Any]:
     """For metrics.json when a fit was stopped early: `{"interrupted": True, "interrupted_by": what}`, else {}.
 
-    `what` is History.interrupted: 'SIGINT' (Ctrl-C), 'SIGTERM' (a preemption) or the callback that stopped it.
+    `what` is History.interrupted: 'SIGINT' (Ctrl-C) or 'SIGTERM' (a preemption). A callback's stop (EarlyStopping)
+    is a normal end, not an interruption.
     """
     reasons = [h.interrupted for h in histories if getattr(h, "interrupted", None)]
     return {"interrupted": True, "interrupted_by": reasons[0]} if reasons else {}

@@ -245,7 +245,7 @@ def run_section(section: Section, out: Path, quick: bool) -> dict:
                 interrupted = True
         code = process.wait()
     seconds = time.perf_counter() - start
-    interrupted = interrupted or code == flags.INTERRUPTED_EXIT_CODE
+    interrupted = interrupted or code in (flags.INTERRUPTED_EXIT_CODE, flags.TERMINATED_EXIT_CODE)
     metrics_path = folder / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if (code == 0 or interrupted) and metrics_path.exists() else {}
     return {

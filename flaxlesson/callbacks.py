@@ -85,8 +85,8 @@ class LambdaCallback(Callback):
 class History:
     """What Keras's `fit` returns: `history[key]` per epoch; also each epoch's seconds and training speed.
 
-    `interrupted` names what stopped the fit before its last epoch ('SIGINT', 'SIGTERM' or a callback's class),
-    None when it ran to the end.
+    `interrupted` names the signal that stopped the fit early ('SIGINT', 'SIGTERM'); `stopped_by` the callback that
+    ended it early (e.g. 'EarlyStopping'), a normal end of training. Both are None when it ran to the end.
     """
 
     history: dict[str, list[float]] = dataclasses.field(default_factory=dict)
@@ -95,6 +95,7 @@ class History:
     samples_per_second: list[float] = dataclasses.field(default_factory=list)
     compile_seconds: float = 0.0
     interrupted: str | None = None
+    stopped_by: str | None = None
 
     def append(self, epoch: int, logs: Mapping[str, float], seconds: float, samples_per_second: float) -> None:
         """Record one finished epoch."""
@@ -113,6 +114,7 @@ class History:
             "train_seconds": float(np.sum(self.seconds)),
             "compile_seconds": self.compile_seconds,
             "interrupted": self.interrupted,
+            "stopped_by": self.stopped_by,
         }
 
 

@@ -4,7 +4,7 @@ A fit composes three parts: a batch source (`sources`: host arrays, or arrays re
 each epoch's index order travels), an executor (K steps per compiled call through `lax.scan`, Keras's
 `steps_per_execution`), and callbacks (`callbacks`) at epoch ends and after every call. Every combination gives
 the update of the plain one-step loop over the same global batches. SIGINT and SIGTERM stop a fit cleanly after
-the call in flight: it returns its state and the epochs that finished, and `History.interrupted` says why. In a
+the call in flight: it returns its state and the epochs that finished, and `History.interrupted` names the signal. In a
 run of several processes every process must stop after the same call, so SIGTERM is left to JAX's preemption
 service (installed by `jax.distributed.initialize`), which passes the notice to every process and agrees on the
 call to stop after (`multihost_utils.reached_preemption_sync_point`, asked once per call).
@@ -352,7 +352,7 @@ def fit(
             samples = n - skip * batch_size  # the skipped steps are whole batches
             progress.close()
             if done < total_steps:
-                history.interrupted = stop.get("signal") or _stopper(callbacks)
+                history.interrupted, history.stopped_by = stop.get("signal"), _stopper(callbacks)
                 break
             logs = _means(sums)
             if val_source is not None:
@@ -370,7 +370,7 @@ def fit(
             history.append(epoch, logs, time.perf_counter() - start, samples / train_seconds)
             if stop or _stopping(callbacks):
                 if epoch + 1 < epochs:
-                    history.interrupted = stop.get("signal") or _stopper(callbacks)
+                    history.interrupted, history.stopped_by = stop.get("signal"), _stopper(callbacks)
                 break
         for callback in callbacks:
             state = _replace(state, callback.on_train_end(logs, strategy.unreplicate(state)), strategy)

@@ -142,7 +142,7 @@ def test_a_fit_stopped_early_returns_the_best_epochs_params():
         _state(), x, y, epochs=6, batch_size=8, verbose=0,
         callbacks=[_scripted([1.0, 0.5, 0.7, 0.8, 0.9, 1.0]), record, stopper],
     )  # fmt: skip
-    assert history.epoch == [0, 1, 2] and history.interrupted == "EarlyStopping"
+    assert history.epoch == [0, 1, 2] and history.stopped_by == "EarlyStopping" and history.interrupted is None
     _assert_same_params(state.params, saved[1])
     assert not np.array_equal(np.asarray(saved[1]["Dense_0"]["kernel"]), np.asarray(saved[2]["Dense_0"]["kernel"]))
 
@@ -290,7 +290,7 @@ def test_terminate_on_nan_returns_the_state_after_the_last_finite_step(caplog):
         state, history = training.fit(
             _exploding(), x, y, epochs=3, batch_size=8, shuffle=False, verbose=0, callbacks=[TerminateOnNaN()]
         )
-    assert history.interrupted == "TerminateOnNaN" and history.epoch == []
+    assert history.stopped_by == "TerminateOnNaN" and history.epoch == []
     assert "Epoch 1, step 2: invalid loss nan, terminating training" in caplog.text
     one_step, _ = training.fit(_exploding(), x[:8], y[:8], epochs=1, batch_size=8, shuffle=False, verbose=0)
     assert int(state.step) == 1

@@ -86,7 +86,7 @@ def test_a_fit_stopped_mid_epoch_resumes_to_the_uninterrupted_params_bit_for_bit
     stopped, history = _run(
         _start(tmp_path, save_freq=save_freq), StopAt(*stop), steps_per_execution=steps_per_execution
     )
-    assert history.interrupted == "StopAt" and int(stopped.step) == 7 + stop[1]
+    assert history.stopped_by == "StopAt" and int(stopped.step) == 7 + stop[1]
     start = _start(tmp_path, resume=True, save_freq=save_freq)
     assert (start.initial_epoch, start.initial_step, int(start.state.step)) == (*stop, 7 + stop[1])
     resumed, history = _run(start, steps_per_execution=steps_per_execution)
