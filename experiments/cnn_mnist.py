@@ -59,8 +59,8 @@ class Config(flags.Config):
 
     @classmethod
     def quick(cls) -> "Config":
-        """Tiny settings: one epoch on the first 2,000 images."""
-        return cls(epochs=1, limit=2000)
+        """Tiny settings: one epoch on the first 1,000 images."""
+        return cls(epochs=1, limit=1000)
 
 
 def load(config: Config) -> data.ImageData:

@@ -13,6 +13,7 @@ when any section failed.
 
 import base64
 import dataclasses
+import functools
 import html
 import json
 import os
@@ -227,7 +228,7 @@ def run_section(section: Section, out: Path, quick: bool) -> dict:
     config = dataclasses.replace(section.quick if quick else section.full, out=str(folder))
     argv = [sys.executable, script(config), *flags.to_argv(config)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-    if not _has_accelerator():
+    if section.env and not _has_accelerator():
         env.update(section.env)
     print(f"\n=== {section.title}\n$ {' '.join(argv[1:])}", flush=True)
     start = time.perf_counter()
@@ -267,8 +268,9 @@ def model_summary(section: Section, config: Any) -> dict | None:
     return summary.summary(*section.model(config)).as_dict()
 
 
+@functools.cache
 def _has_accelerator() -> bool:
-    """Whether JAX sees a GPU/TPU; on a CPU-only machine the distributed section gets 8 virtual devices."""
+    """Whether JAX sees a GPU/TPU (asked once, of a fresh process); on a CPU the distributed section gets 8 devices."""
     probe = subprocess.run(
         [sys.executable, "-c", "import jax; print(jax.default_backend())"], capture_output=True, text=True
     )

@@ -81,8 +81,8 @@ class RowsConfig(LessonConfig):
 
     @classmethod
     def quick(cls) -> "RowsConfig":
-        """Tiny settings: one epoch of each fit on the first 2,000 images."""
-        return cls(epochs=1, masking_epochs=1, limit=2000)
+        """Tiny settings: one epoch of each fit on the first 1,000 images."""
+        return cls(epochs=1, masking_epochs=1, limit=1000)
 
 
 CONFIGS = {"lesson": LessonConfig, "rows": RowsConfig}

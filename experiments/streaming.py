@@ -61,8 +61,8 @@ class Config(flags.Config):
 
     @classmethod
     def quick(cls) -> "Config":
-        """Tiny settings: 2 copies of 2,000 images, 50 steps."""
-        return cls(copies=2, steps=50, limit=2000)
+        """Tiny settings: 2 copies of 1,000 images, 20 steps."""
+        return cls(copies=2, steps=20, limit=1000)
 
 
 def to_uint8(images: Any) -> np.ndarray:
