@@ -146,10 +146,15 @@ class _RunningLogs(Mapping):
 
 
 class _Executor:
-    """Compiled calls of K steps for one strategy, and the placed `count` of real steps each call runs."""
+    """Compiled calls of K steps for one strategy: the placed `count` of real steps of each call, and zero totals.
+
+    Both are placed once and reused (the calls do not donate them), so an epoch run as one call moves nothing to
+    the device but its inputs.
+    """
 
     def __init__(self, strategy: parallel.Strategy, k: int):
         self.strategy, self.k, self._counts = strategy, k, {}
+        self.zeros = strategy.replicate(zero_totals())
 
     def count(self, n: int) -> Any:
         if n not in self._counts:
@@ -179,7 +184,7 @@ def _run_totals(
 ) -> dict[str, float]:
     """Run a compiled totals-accumulating call over one pass of `source`; mean loss and accuracy."""
     executor = _Executor(strategy, k)
-    totals = strategy.replicate(zero_totals())
+    totals = executor.zeros
     for inputs, count, _ in executor.calls(source.epoch_inputs(batch_size)):
         totals = call(state, totals, source.data, inputs, count)
     return _means(jax.device_get(strategy.unreplicate(totals)))
@@ -304,20 +309,18 @@ def fit(
 
     train_call = strategy.compile(
         steps.scan_train_step(make_train_step(state.loss, axis_name=strategy.axis_name, augment=augment)),
-        donate_argnums=(0, 1),
+        donate_argnums=(0,),
     )
     state = strategy.replicate(state)
     key = strategy.replicate(jax.random.key(seed))
     first, count, _ = next(executor.calls(iter([source.example_input(batch_size)])))
     start = time.perf_counter()
-    train_call = train_call.lower(state, strategy.replicate(zero_totals()), key, source.data, first, count).compile()
+    train_call = train_call.lower(state, executor.zeros, key, source.data, first, count).compile()
     history = History(compile_seconds=time.perf_counter() - start)
     val_source = val_call = None
     if validation_data is not None:
         val_source = _source(*validation_data, strategy, data_on_device)
-        val_call = strategy.compile(
-            steps.scan_eval_step(make_eval_step(state.loss, axis_name=strategy.axis_name)), donate_argnums=(1,)
-        )
+        val_call = strategy.compile(steps.scan_eval_step(make_eval_step(state.loss, axis_name=strategy.axis_name)))
         val_k = sources.steps_per_call(steps_per_execution, sources.num_steps(val_source.num_examples, batch_size))
 
     logs: dict[str, float] = {}
@@ -335,7 +338,7 @@ def fit(
             progress = ProgressBar(total_steps, enabled=verbose == 1)
             start = time.perf_counter()
             skip = initial_step if epoch == initial_epoch else 0
-            totals, done = strategy.replicate(zero_totals()), skip
+            totals, done = executor.zeros, skip
             epoch_inputs = source.epoch_inputs(batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
             for inputs, count, real in executor.calls(itertools.islice(epoch_inputs, skip, total_steps)):
                 state, totals = train_call(state, totals, key, source.data, inputs, count)
@@ -416,9 +419,7 @@ def evaluate(
     strategy = parallel.get_strategy(strategy)
     source = _source(x, None if y is None else np.asarray(y), strategy, data_on_device)
     k = sources.steps_per_call(steps_per_execution, sources.num_steps(source.num_examples, batch_size))
-    call = strategy.compile(
-        steps.scan_eval_step(make_eval_step(state.loss, axis_name=strategy.axis_name)), donate_argnums=(1,)
-    )
+    call = strategy.compile(steps.scan_eval_step(make_eval_step(state.loss, axis_name=strategy.axis_name)))
     return _run_totals(strategy, call, strategy.replicate(state), source, batch_size, k)
 
 
