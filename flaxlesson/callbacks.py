@@ -459,7 +459,8 @@ class TensorBoard(Callback):
     Also 'epoch_samples_per_second' (training samples over the epoch's training time, validation excluded).
     `update_freq=N` (or 'batch', N=1) also writes 'batch_loss' and 'batch_accuracy' (the epoch's running means)
     at every N-th global step, counted as `epoch * steps_per_epoch + step`; with `steps_per_execution=K` at the
-    end of each call that reaches a multiple of N.
+    end of each call that reaches a multiple of N. Those are read and written at the epoch's end, so logging every
+    step does not make each step wait for the device.
     """
 
     def __init__(self, log_dir: str | os.PathLike = "logs", update_freq: str | int = "epoch"):
@@ -470,6 +471,7 @@ class TensorBoard(Callback):
         self.log_dir, self.update_freq = os.fspath(log_dir), update_freq
         self._writers: dict[str, Any] = {}
         self._epoch_start, self._trained_at, self._global = 0.0, None, 0
+        self._pending: list[tuple[int, Logs]] = []
 
     def on_train_begin(self, state: State) -> None:
         # Imported here: tensorboardX (protobuf) loads only when a fit writes event files.
@@ -492,11 +494,18 @@ class TensorBoard(Callback):
             return
         now = epoch * (steps_per_epoch or 0) + step
         if now // self.update_freq > self._global // self.update_freq:
-            for name, value in logs.items():
-                self._writers["train"].add_scalar(f"batch_{name}", value, now)
+            self._pending.append((now, logs))
         self._global = now
 
+    def _write_pending(self) -> None:
+        """Write the batch scalars held since the last epoch end: read only now, so no step waited for them."""
+        for now, logs in self._pending:
+            for name, value in logs.items():
+                self._writers["train"].add_scalar(f"batch_{name}", value, now)
+        self._pending = []
+
     def on_epoch_end(self, epoch: int, logs: dict[str, float], state: State) -> None:
+        self._write_pending()
         train = {key: value for key, value in logs.items() if not key.startswith("val_")}
         rate = steps.learning_rate(state)
         if rate is not None:
@@ -509,6 +518,8 @@ class TensorBoard(Callback):
             self._writers[name].flush()
 
     def on_train_end(self, logs: dict[str, float], state: State) -> None:
+        if self._writers:
+            self._write_pending()
         self.close()
 
     def close(self) -> None:
