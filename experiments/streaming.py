@@ -50,6 +50,7 @@ class Config(flags.Config):
     copies: int = 2
     steps: int = 200
     batch_size: int = 64
+    steps_per_execution: int | str = 1
     dataset: str = "auto"
     data_dir: str | None = None
     limit: int | None = None
@@ -103,6 +104,7 @@ def train(state: training.TrainState, x: Any, y: np.ndarray | None, config: Conf
         epochs=epochs,
         steps_per_epoch=math.ceil(config.steps / epochs),
         batch_size=config.batch_size,
+        steps_per_execution=config.steps_per_execution,
         seed=config.seed,
         verbose=2,
     )
