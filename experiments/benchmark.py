@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from experiments import augmentation, flags, keras_reference  # noqa: E402
-from flaxlesson import augment, data, models, results, training  # noqa: E402
+from flaxlesson import augment, callbacks, checkpoint, data, models, results, training  # noqa: E402
 
 
 def _median_rate(run: Callable[[], None], items: int, repeats: int) -> float:
@@ -241,6 +241,37 @@ def bench_steps_per_execution() -> dict:
     return sweep
 
 
+def bench_callbacks(limit: int = 20000, rounds: int = 2) -> dict:
+    """What a checkpoint every 100 steps and TensorBoard every step cost the CNN: epoch seconds, alternating runs.
+
+    Each setting is fitted `rounds` times for 2 epochs on the first `limit` training images; the medians of
+    the epochs' seconds are compared with those of a fit without callbacks.
+    """
+    images = data.load_images("auto").head(limit)
+    state = training.create_train_state(models.CNN(num_classes=images.num_classes), images.x_train[:1])
+    settings = {
+        "none": lambda folder: [],
+        "checkpoint_every_100_steps": lambda folder: [checkpoint.BackupAndRestore(folder, state, save_freq=100)],
+        "tensorboard_every_step": lambda folder: [callbacks.TensorBoard(folder, update_freq=1)],
+    }
+    seconds = {name: [] for name in settings}
+    for _ in range(rounds):
+        for name, make in settings.items():
+            with tempfile.TemporaryDirectory() as folder:
+                _, history = training.fit(
+                    state, images.x_train, images.y_train, epochs=2, batch_size=64, verbose=0, callbacks=make(folder)
+                )
+            seconds[name] += history.seconds
+    base = float(np.median(seconds["none"]))
+    figures = {
+        name: {"epoch_seconds": values, "median_over_none": float(np.median(values)) / base}
+        for name, values in seconds.items()
+    }
+    for name, value in figures.items():
+        print(f"  {name}: median epoch {value['median_over_none']:.3f}x the fit without callbacks", flush=True)
+    return figures
+
+
 def keras_figures(python: str, cnn_epochs: int, seeds: int) -> dict:
     """The lesson's Keras code run in `python` (experiments/keras_reference.py), in this sitting: its figures."""
     keras = keras_reference.run(python, cnn_epochs=cnn_epochs, seeds=seeds, examples=("mlp", "rnn", "aug"))
@@ -267,6 +298,7 @@ class Config(flags.Config):
         "seeds": flags.Flag("MLP fits timed (median)", flags.positive_int),
         "keras_python": flags.Flag("a Python with TensorFlow/Keras, to run the reference alongside"),
         "sweep": flags.Flag("also time every model's fit at steps_per_execution 1, 8, 64 and 'epoch'", None),
+        "callbacks": flags.Flag("also time the CNN's fit with checkpoints every 100 steps and TensorBoard", None),
     }
 
     steps: int = 50
@@ -275,6 +307,7 @@ class Config(flags.Config):
     seeds: int = 5
     keras_python: str | None = None
     sweep: bool = False
+    callbacks: bool = False
     out: str = "runs/benchmark"
 
     @classmethod
@@ -299,6 +332,9 @@ def run(config: Config) -> dict:
         print(f"augmentation: {rate:,.0f} images/s", flush=True)
         metrics["lesson_fits"] = bench_lesson_fits(config.cnn_epochs, config.seeds)
         print("lesson fits: " + ", ".join(f"{k} {v}" for k, v in metrics["lesson_fits"].items()), flush=True)
+        if config.callbacks:
+            print("callbacks:", flush=True)
+            metrics["callbacks"] = bench_callbacks()
         if config.sweep:
             metrics["steps_per_execution"] = bench_steps_per_execution()
         metrics["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

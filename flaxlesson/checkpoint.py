@@ -371,6 +371,17 @@ _HELD: dict[Path, Callable[[], None]] = {}
 """The lock files this process holds, each with how its holder lets go (closing its manager, then the lock)."""
 
 
+def _let_go_earlier(directory: Path) -> None:
+    """Make an earlier holder of `directory` in this process finish its writes and let go.
+
+    That holder's fit was cut short by an exception (which skips `on_train_end`); once it has let go, what is read
+    in `directory` is final.
+    """
+    earlier = _HELD.pop((directory / LOCK_NAME).resolve(), None)
+    if earlier is not None:
+        earlier()
+
+
 class _Lock:
     """A run's hold on a checkpoint folder: `fcntl.flock` on `LOCK_NAME`, which says who holds it.
 
@@ -381,9 +392,7 @@ class _Lock:
 
     def __init__(self, directory: Path, let_go: Callable[[], None]):
         self.path, self.let_go = (directory / LOCK_NAME).resolve(), let_go
-        earlier = _HELD.pop(self.path, None)
-        if earlier is not None:
-            earlier()
+        _let_go_earlier(directory)
         self.file = open(self.path, "a+")  # noqa: SIM115 - held open for the run
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -679,6 +688,7 @@ def resume_or_start(
         if resume:
             raise ValueError("resume needs a checkpoint directory")
         return Start(state, 0, 0, [])
+    _let_go_earlier(Path(directory))
     found = restore_newest(directory, state, strategy=strategy) if resume else None
     position = Position(0, 0, seed)
     if found is not None:
