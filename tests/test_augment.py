@@ -8,17 +8,9 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+from flaxlesson.augment import LESSON_GENERATOR as LESSON
 from flaxlesson.augment import ImageDataGenerator, apply_affine_transform, augment, random_transform_params
 
-LESSON = ImageDataGenerator(
-    rotation_range=20,
-    width_shift_range=0.2,
-    height_shift_range=0.2,
-    shear_range=0.2,
-    zoom_range=0.2,
-    horizontal_flip=True,
-    fill_mode="nearest",
-)
 SHAPE = (7, 9, 2)  # non-square, so a row/column mix-up shows
 
 
