@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import flags  # noqa: E402
-from flaxlesson import checkpoint, launch, models, parallel, plots, results, training, worker  # noqa: E402
+from flaxlesson import checkpoint, data, launch, models, parallel, plots, results, training, worker  # noqa: E402
 
 # Left out of metrics.json's settings: where this process sat in the run, not how the run was set.
 PLACEMENT = ("coordinator", "process_id")
@@ -111,7 +111,7 @@ def _launch(config: Config) -> dict:
 
 def _step_seconds(history: training.History, samples: int, batch_size: int) -> float | None:
     """Median seconds per training step over the epochs run (None when none was)."""
-    steps = -(-samples // batch_size)
+    steps = data.num_batches(samples, batch_size)
     return float(np.median([samples / sps / steps for sps in history.samples_per_second])) if history.epoch else None
 
 

@@ -96,7 +96,7 @@ def train(state: training.TrainState, x: Any, y: np.ndarray | None, config: Conf
     same call trains from a 1x set in memory and from an N-copy set on disk; samples/s is the median epoch's.
     """
     n = x.num_examples if y is None else len(y)
-    epochs = math.ceil(config.steps / math.ceil(n / config.batch_size))
+    epochs = math.ceil(config.steps / data.num_batches(n, config.batch_size))
     state, history = training.fit(
         state,
         x,

@@ -44,6 +44,11 @@ def train_validation_split(x: Any, y: np.ndarray, validation_split: float) -> tu
     return (take(x, first), y[first]), (take(x, rest), y[rest])
 
 
+def num_batches(num_examples: int, batch_size: int) -> int:
+    """Batches (steps) in an epoch of `num_examples` samples: the last partial batch counts as one."""
+    return -(-num_examples // batch_size)
+
+
 def padded_size(batch_size: int, multiple: int = 1) -> int:
     """`batch_size` rounded up to a multiple of `multiple` (e.g. the device count)."""
     return -(-batch_size // multiple) * multiple

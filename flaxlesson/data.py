@@ -7,6 +7,7 @@
 from flaxlesson.batching import (
     Batch,
     iterate_batches,
+    num_batches,
     num_examples,
     padded_size,
     take,
@@ -52,6 +53,7 @@ __all__ = [
     "load_images",
     "load_iris",
     "load_tfds",
+    "num_batches",
     "num_examples",
     "pad_sequences",
     "padded_size",

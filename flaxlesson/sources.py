@@ -5,14 +5,13 @@ A source yields one input per step, already cut to this process's share of the g
 compiled call gathers there. `calls` stacks those inputs K at a time for `steps_per_execution=K`.
 """
 
-import math
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import jax
 import numpy as np
 
-from flaxlesson import batching, parallel
+from flaxlesson import batching, checks, parallel
 from flaxlesson.batching import Batch
 
 RESIDENT_SHARE = 0.25
@@ -120,7 +119,7 @@ class StreamSource:
             )
             self._open = (iterator, layout, epoch, epoch + self.epochs)
         iterator, end = self._open[0], self._open[3]
-        steps, done = num_steps(self.num_examples, batch_size), 0
+        steps, done = batching.num_batches(self.num_examples, batch_size), 0
         try:
             for _ in range(steps):
                 yield next(iterator)
@@ -154,9 +153,7 @@ def steps_per_call(steps_per_execution: int | str, steps: int) -> int:
     """Keras's `steps_per_execution` (an int >= 1, or 'epoch') as a count for an epoch of `steps` steps."""
     if steps_per_execution == "epoch":
         return steps
-    if isinstance(steps_per_execution, str) or not isinstance(steps_per_execution, (int, np.integer)):
-        raise ValueError(f"steps_per_execution must be a positive integer or 'epoch', got {steps_per_execution!r}")
-    if isinstance(steps_per_execution, bool) or steps_per_execution < 1:
+    if isinstance(steps_per_execution, str) or not checks.is_int(steps_per_execution) or steps_per_execution < 1:
         raise ValueError(f"steps_per_execution must be a positive integer or 'epoch', got {steps_per_execution!r}")
     return min(int(steps_per_execution), steps)
 
@@ -178,8 +175,3 @@ def calls(inputs: Iterator[Batch], k: int) -> Iterator[tuple[Batch, int]]:
         filler = {**group[-1], "mask": np.zeros_like(group[-1]["mask"])}
         group += [filler] * (k - count)
         yield jax.tree.map(lambda *a: np.stack(a), *group), count
-
-
-def num_steps(num_examples: int, batch_size: int) -> int:
-    """Steps in an epoch of `num_examples` samples: the last partial batch is a step too."""
-    return math.ceil(num_examples / batch_size)

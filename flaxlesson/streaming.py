@@ -268,7 +268,7 @@ class _Plan:
 
     @property
     def steps(self) -> int:
-        return -(-self.num_rows // self.batch_size)
+        return batching.num_batches(self.num_rows, self.batch_size)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -473,7 +473,7 @@ class StreamingDataset:
 
     def steps_per_epoch(self, batch_size: int) -> int:
         """Batches in one epoch, the last one partial (and padded) when `batch_size` does not divide the count."""
-        return -(-self.num_examples // _check_count("batch_size", batch_size, 1))
+        return batching.num_batches(self.num_examples, _check_count("batch_size", batch_size, 1))
 
     def take(self, indices: Sequence[int] | np.ndarray) -> batching.Batch:
         """Rows `indices` of this view in memory, decoded as in a batch ({'x', 'y'}, no mask): e.g. a model's sample."""

@@ -148,12 +148,13 @@ class _RunningLogs(Mapping):
 class _Executor:
     """Compiled calls of K steps for one strategy: the placed `count` of real steps of each call, and zero totals.
 
-    Both are placed once and reused (the calls do not donate them), so an epoch run as one call moves nothing to
-    the device but its inputs.
+    K is `steps_per_execution` for an epoch of `steps` steps. The counts and zeros are placed once and reused (the
+    calls do not donate them), so an epoch run as one call moves nothing to the device but its inputs.
     """
 
-    def __init__(self, strategy: parallel.Strategy, k: int):
-        self.strategy, self.k, self._counts = strategy, k, {}
+    def __init__(self, strategy: parallel.Strategy, steps_per_execution: StepsPerExecution, steps: int):
+        self.strategy, self._counts = strategy, {}
+        self.k = sources.steps_per_call(steps_per_execution, steps)
         self.zeros = strategy.replicate(zero_totals())
 
     def count(self, n: int) -> Any:
@@ -180,14 +181,13 @@ def _source(
 
 
 def _run_totals(
-    strategy: parallel.Strategy, call: Callable, state: Any, source: sources.ArraySource, batch_size: int, k: int
+    executor: _Executor, call: Callable, state: Any, source: sources.ArraySource | sources.StreamSource, batch_size: int
 ) -> dict[str, float]:
     """Run a compiled totals-accumulating call over one pass of `source`; mean loss and accuracy."""
-    executor = _Executor(strategy, k)
     totals = executor.zeros
     for inputs, count, _ in executor.calls(source.epoch_inputs(batch_size)):
         totals = call(state, totals, source.data, inputs, count)
-    return _means(jax.device_get(strategy.unreplicate(totals)))
+    return _means(jax.device_get(executor.strategy.unreplicate(totals)))
 
 
 def _agreed_stops(strategy: parallel.Strategy) -> bool:
@@ -295,7 +295,7 @@ def fit(
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose
     strategy = parallel.get_strategy(strategy)
     source = _source(x, y, strategy, data_on_device, epochs - initial_epoch)
-    total_steps = sources.num_steps(source.num_examples, batch_size)
+    total_steps = batching.num_batches(source.num_examples, batch_size)
     if steps_per_epoch is not None:
         total_steps = min(total_steps, steps_per_epoch)
     n = min(source.num_examples, total_steps * batch_size)
@@ -304,8 +304,7 @@ def fit(
             f"initial_step must be below the {total_steps} steps of an epoch, and 0 when no epoch is left to "
             f"train (initial_epoch={initial_epoch}, epochs={epochs}), got {initial_step}"
         )
-    k = sources.steps_per_call(steps_per_execution, total_steps)
-    executor = _Executor(strategy, k)
+    executor = _Executor(strategy, steps_per_execution, total_steps)
 
     train_call = strategy.compile(
         steps.scan_train_step(make_train_step(state.loss, axis_name=strategy.axis_name, augment=augment)),
@@ -321,7 +320,9 @@ def fit(
     if validation_data is not None:
         val_source = _source(*validation_data, strategy, data_on_device)
         val_call = strategy.compile(steps.scan_eval_step(make_eval_step(state.loss, axis_name=strategy.axis_name)))
-        val_k = sources.steps_per_call(steps_per_execution, sources.num_steps(val_source.num_examples, batch_size))
+        val_executor = _Executor(
+            strategy, steps_per_execution, batching.num_batches(val_source.num_examples, batch_size)
+        )
 
     logs: dict[str, float] = {}
     for callback in callbacks:
@@ -359,7 +360,7 @@ def fit(
                 break
             logs = _means(sums)
             if val_source is not None:
-                val = _run_totals(strategy, val_call, state, val_source, batch_size, val_k)
+                val = _run_totals(val_executor, val_call, state, val_source, batch_size)
                 logs |= {f"val_{name}": value for name, value in val.items()}
             if verbose:
                 metrics = " - ".join(f"{name}: {value:.4f}" for name, value in logs.items())
@@ -418,9 +419,9 @@ def evaluate(
         raise ValueError("y: evaluate needs the labels of x")
     strategy = parallel.get_strategy(strategy)
     source = _source(x, None if y is None else np.asarray(y), strategy, data_on_device)
-    k = sources.steps_per_call(steps_per_execution, sources.num_steps(source.num_examples, batch_size))
+    executor = _Executor(strategy, steps_per_execution, batching.num_batches(source.num_examples, batch_size))
     call = strategy.compile(steps.scan_eval_step(make_eval_step(state.loss, axis_name=strategy.axis_name)))
-    return _run_totals(strategy, call, strategy.replicate(state), source, batch_size, k)
+    return _run_totals(executor, call, strategy.replicate(state), source, batch_size)
 
 
 def predict(
@@ -437,9 +438,7 @@ def predict(
     _check_data(state, x, None)
     strategy = parallel.get_strategy(strategy)
     source = _source(x, None, strategy, data_on_device)
-    executor = _Executor(
-        strategy, sources.steps_per_call(steps_per_execution, sources.num_steps(source.num_examples, batch_size))
-    )
+    executor = _Executor(strategy, steps_per_execution, batching.num_batches(source.num_examples, batch_size))
     call = strategy.compile(steps.scan_predict_step(make_predict_step(state.loss)))
     state = strategy.replicate(state)
     rows = []
