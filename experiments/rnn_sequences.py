@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import numpy as np
@@ -91,6 +92,21 @@ CONFIGS = {"lesson": LessonConfig, "rows": RowsConfig}
 Curves = dict[str, tuple[training.History, str]]
 
 
+def _fit(config: LessonConfig, state: training.TrainState, x: Any, y: np.ndarray, epochs: int) -> tuple:
+    """`training.fit` with the config's batch size, steps per call, validation split and seed, a line per epoch."""
+    return training.fit(
+        state,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=config.batch_size,
+        steps_per_execution=config.steps_per_execution,
+        validation_split=config.validation_split,
+        seed=config.seed,
+        verbose=2,
+    )
+
+
 def lesson(config: LessonConfig) -> tuple[dict, Curves]:
     """The lesson's toy: pad, fit, predict, print as the Keras code does."""
     x = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
@@ -99,17 +115,7 @@ def lesson(config: LessonConfig) -> tuple[dict, Curves]:
     print(f"Padded X:\n{x}", flush=True)
     model = models.SimpleRNNClassifier(units=config.units, num_classes=1, activation=ACTIVATIONS[config.activation])
     state = training.create_train_state(model, x[:1], seed=config.seed, loss="binary_crossentropy")
-    state, history = training.fit(
-        state,
-        x,
-        y,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        steps_per_execution=config.steps_per_execution,
-        validation_split=config.validation_split,
-        seed=config.seed,
-        verbose=2,
-    )
+    state, history = _fit(config, state, x, y, config.epochs)
     y_pred = training.predict(state, x)
     print(f"Predictions: {y_pred.tolist()}", flush=True)
     metrics = {
@@ -169,16 +175,8 @@ def _masking(
         sample = _inputs(train[:1], lengths["train"][:1], masked)
         state = training.create_train_state(model, sample, seed=config.seed)
         print(f"cut images, {name}:", flush=True)
-        state, histories[name] = training.fit(
-            state,
-            _inputs(train, lengths["train"], masked),
-            labels["train"],
-            epochs=config.masking_epochs,
-            batch_size=config.batch_size,
-            steps_per_execution=config.steps_per_execution,
-            validation_split=config.validation_split,
-            seed=config.seed,
-            verbose=2,
+        state, histories[name] = _fit(
+            config, state, _inputs(train, lengths["train"], masked), labels["train"], config.masking_epochs
         )
         scores, probabilities = {}, []
         for maxlen, x in tests.items():
@@ -215,17 +213,7 @@ def rows_task(config: LessonConfig) -> tuple[dict, Curves]:
         units=config.units, num_classes=images.num_classes, activation=ACTIVATIONS[config.activation]
     )
     state = training.create_train_state(model, rows["train"][:1], seed=config.seed)
-    state, history = training.fit(
-        state,
-        rows["train"],
-        labels["train"],
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        steps_per_execution=config.steps_per_execution,
-        validation_split=config.validation_split,
-        seed=config.seed,
-        verbose=2,
-    )
+    state, history = _fit(config, state, rows["train"], labels["train"], config.epochs)
     test = training.evaluate(state, rows["test"], labels["test"], batch_size=256)
     print(f"Test accuracy (whole images, row by row): {test['accuracy']:.4f}", flush=True)
     metrics = {
