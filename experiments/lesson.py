@@ -205,6 +205,7 @@ SECTIONS = (
             "peak_rss_bytes",
             "samples_per_second",
             "in_memory_samples_per_second",
+            "relative_speed",
             "test_accuracy",
             "in_memory_test_accuracy",
         ),

@@ -1,21 +1,25 @@
 """Issue 13: the lesson's CNN trained streaming from an on-disk set N times the training images, and in memory.
 
-    python experiments/streaming.py --copies 20 --steps 500 --out runs/streaming
+    python experiments/streaming.py --copies 20 --out runs/streaming
     python experiments/streaming.py --copies 2 --steps 50 --dataset digits --out runs/streaming_smoke
 
 Writes --copies augmented draws of the training images (the lesson's ImageDataGenerator, a different draw per
 copy) as ArrayRecord shards into --out/train_shards, a chunk at a time, so the set is never in memory. Then
-trains the lesson's CNN for --steps steps streaming from it (grain, --workers processes), and for --steps
-steps from the 1x training images in memory, both through `training.fit`. metrics.json: dataset_bytes,
-peak_rss_bytes, samples_per_second, in_memory_samples_per_second, test_accuracy (of the streamed model).
+trains the lesson's CNN for --steps steps streaming from it, and for --steps steps from the 1x training images
+in memory, both through `training.fit`, in --rounds alternating rounds, since a shared machine's speed drifts:
+relative_speed is the median over rounds of the two speeds' ratio within a round. metrics.json: dataset_bytes,
+peak_rss_bytes (while streaming), samples_per_second and in_memory_samples_per_second (the median rounds'),
+relative_speed, test_accuracy (the streamed model's).
 """
 
+import contextlib
 import dataclasses
 import math
 import shutil
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +37,7 @@ CHUNK = 4096  # images augmented and written at a time
 
 @dataclasses.dataclass(frozen=True)
 class Config(flags.Config):
-    """One run's settings; the defaults train the lesson's CNN, batch 64, from a 2-copy set."""
+    """One run's settings; the defaults train the lesson's CNN, batch 64, 64 steps a call, from a 2-copy set."""
 
     FLAGS = {
         "copies": flags.Flag("augmented copies of the training images written to disk", flags.positive_int),
@@ -43,27 +47,36 @@ class Config(flags.Config):
             "faster on a 2-core CPU, where worker processes take the cores the training step needs",
             flags.non_negative_int,
         ),
-        "prefetch": flags.Flag("batches read ahead per worker", flags.non_negative_int),
+        "prefetch": flags.Flag(
+            "batches read ahead per worker; 0 with no workers reads each batch when fit asks for it, while the "
+            "device runs the last step (the fastest setting on a CPU)",
+            flags.non_negative_int,
+        ),
         "records_per_shard": flags.Flag("images per ArrayRecord shard", flags.positive_int),
+        "rounds": flags.Flag(
+            "rounds of --steps/--rounds steps streamed, then as many in memory; samples/s are the median round's",
+            flags.positive_int,
+        ),
     }
 
     copies: int = 2
-    steps: int = 200
+    steps: int = 1280
     batch_size: int = 64
-    steps_per_execution: int | str = 1
+    steps_per_execution: int | str = 64  # the CNN's setting in the lesson runner: both runs at their fastest
     dataset: str = "auto"
     data_dir: str | None = None
     limit: int | None = None
     workers: int = 0
-    prefetch: int = 4
+    prefetch: int = 0
     records_per_shard: int = shards.DEFAULT_RECORDS_PER_SHARD
+    rounds: int = 4
     seed: int = 0
     out: str = "runs/streaming"
 
     @classmethod
     def quick(cls) -> "Config":
-        """Tiny settings: 2 copies of 1,000 images, 20 steps."""
-        return cls(copies=2, steps=20, limit=1000)
+        """Tiny settings: 2 copies of 1,000 images, 2 rounds of 10 steps."""
+        return cls(copies=2, steps=20, limit=1000, rounds=2)
 
 
 def to_uint8(images: Any) -> np.ndarray:
@@ -89,20 +102,24 @@ def write_augmented_copies(
     return Path(out_dir)
 
 
-def train(state: training.TrainState, x: Any, y: np.ndarray | None, config: Config) -> tuple[Any, float]:
-    """`training.fit` for about `config.steps` steps on arrays or a streaming dataset: the state and samples/s.
+def train(state: training.TrainState, x: Any, y: np.ndarray | None, config: Config, round_: int) -> tuple[Any, float]:
+    """Round `round_` of `config.rounds`: about `config.steps / config.rounds` steps of `training.fit`.
 
-    The steps are spread over whole epochs' worth of the data (Keras's `steps_per_epoch` cuts each epoch), so the
-    same call trains from a 1x set in memory and from an N-copy set on disk; samples/s is the median epoch's.
+    Returns the state and samples/s (the round's median epoch's); x is arrays, or a streaming dataset. The steps
+    are spread over whole epochs' worth of the data (Keras's `steps_per_epoch` cuts each epoch), so the same call
+    trains from a 1x set in memory and from an N-copy set on disk; each round goes on where the last one's epochs
+    ended.
     """
     n = x.num_examples if y is None else len(y)
-    epochs = math.ceil(config.steps / data.num_batches(n, config.batch_size))
+    steps = math.ceil(config.steps / config.rounds)
+    epochs = math.ceil(steps / data.num_batches(n, config.batch_size))
     state, history = training.fit(
         state,
         x,
         y,
-        epochs=epochs,
-        steps_per_epoch=math.ceil(config.steps / epochs),
+        initial_epoch=round_ * epochs,
+        epochs=(round_ + 1) * epochs,
+        steps_per_epoch=math.ceil(steps / epochs),
         batch_size=config.batch_size,
         steps_per_execution=config.steps_per_execution,
         seed=config.seed,
@@ -112,31 +129,50 @@ def train(state: training.TrainState, x: Any, y: np.ndarray | None, config: Conf
 
 
 class PeakRss:
-    """Peak resident memory of this process and of its child processes (grain's workers), while it is open.
+    """Peak resident memory of this process and of its child processes (grain's workers) inside `measuring()`.
 
-    Each process's peak is its VmHWM in /proc/PID/status (the kernel's high-water mark). Children are found
-    with psutil and read every `interval` seconds while they live, since a process's VmHWM goes with it.
+    This process's resident memory (VmRSS in /proc/self/status) is read every `interval` seconds, and as each
+    measured block begins and ends; children are found with psutil and their own peak (VmHWM, the kernel's
+    high-water mark) read while they live, since a process's VmHWM goes with it. Outside the blocks (the
+    in-memory runs) nothing is recorded.
     """
 
-    def __init__(self, interval: float = 0.05):
-        self.interval, self.children = interval, {}
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.main, self.children = interval, 0, {}
+        self._active = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
 
     @staticmethod
-    def vm_hwm(pid: int | str = "self") -> int:
-        """VmHWM of process `pid` in bytes (0 if it has gone)."""
+    def status_bytes(key: str, pid: int | str = "self") -> int:
+        """The `key` line ('VmRSS', 'VmHWM') of process `pid`'s /proc status, in bytes (0 if it has gone)."""
         try:
             lines = Path(f"/proc/{pid}/status").read_text().splitlines()
         except (FileNotFoundError, ProcessLookupError):
             return 0
-        kib = next((line.split()[1] for line in lines if line.startswith("VmHWM:")), "0")
+        kib = next((line.split()[1] for line in lines if line.startswith(f"{key}:")), "0")
         return int(kib) * 1024
+
+    def _sample(self) -> None:
+        self.main = max(self.main, self.status_bytes("VmRSS"))
+        for child in psutil.Process().children(recursive=True):
+            self.children[child.pid] = max(self.children.get(child.pid, 0), self.status_bytes("VmHWM", child.pid))
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
-            for child in psutil.Process().children(recursive=True):
-                self.children[child.pid] = max(self.children.get(child.pid, 0), self.vm_hwm(child.pid))
+            if self._active.is_set():
+                self._sample()
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        """Record the peaks while the block runs."""
+        self._sample()
+        self._active.set()
+        try:
+            yield
+        finally:
+            self._active.clear()
+            self._sample()
 
     def __enter__(self) -> "PeakRss":
         self._thread.start()
@@ -148,13 +184,13 @@ class PeakRss:
 
     def summary(self) -> dict[str, Any]:
         """This process's peak, each child's, and their sum (an upper bound of the simultaneous peak)."""
-        main, workers = self.vm_hwm(), sorted(self.children.values(), reverse=True)
+        workers = sorted(self.children.values(), reverse=True)
         return {
-            "peak_rss_bytes": main + sum(workers),
-            "peak_rss_main_bytes": main,
+            "peak_rss_bytes": self.main + sum(workers),
+            "peak_rss_main_bytes": self.main,
             "peak_rss_workers_bytes": workers,
-            "peak_rss_method": "sum of VmHWM from /proc/PID/status of this process and each worker (psutil lists "
-            f"the workers, read every {self.interval}s while they live)",
+            "peak_rss_method": f"while streaming: the largest VmRSS of this process (read every {self.interval}s) "
+            "plus each worker's VmHWM, from /proc/PID/status (psutil lists the workers)",
         }
 
 
@@ -175,26 +211,38 @@ def run(config: Config, images: data.ImageData | None = None) -> dict[str, Any]:
     shard_dir = Path(config.out) / "train_shards"
     shutil.rmtree(shard_dir, ignore_errors=True)
     model = models.CNN(num_classes=images.num_classes)
-    start_state = training.create_train_state(model, images.x_train[:1], seed=config.seed)
+    state = in_memory_state = training.create_train_state(model, images.x_train[:1], seed=config.seed)
 
+    start = time.perf_counter()
+    write_augmented_copies(
+        images, config.copies, shard_dir, seed=config.seed, records_per_shard=config.records_per_shard
+    )
+    write_seconds = time.perf_counter() - start
+    dataset = streaming.StreamingDataset(shard_dir, worker_count=config.workers, prefetch=config.prefetch)
+    rates: dict[str, list[float]] = {"streamed": [], "in_memory": []}
     with PeakRss() as rss:
-        start = time.perf_counter()
-        write_augmented_copies(
-            images, config.copies, shard_dir, seed=config.seed, records_per_shard=config.records_per_shard
-        )
-        write_seconds = time.perf_counter() - start
-        dataset = streaming.StreamingDataset(shard_dir, worker_count=config.workers, prefetch=config.prefetch)
-        state, rate = train(start_state, dataset, None, config)
-    memory = rss.summary()
-
-    in_memory_state, in_memory_rate = train(start_state, images.x_train, images.y_train, config)
+        for round_ in range(config.rounds):
+            with rss.measuring():
+                state, rate = train(state, dataset, None, config, round_)
+            rates["streamed"].append(rate)
+            in_memory_state, rate = train(in_memory_state, images.x_train, images.y_train, config, round_)
+            rates["in_memory"].append(rate)
+            print(
+                f"round {round_ + 1}/{config.rounds}: streamed {rates['streamed'][-1]:,.0f} samples/s, "
+                f"in memory {rate:,.0f}",
+                flush=True,
+            )
     test = training.evaluate(state, images.x_test, images.y_test)
     in_memory_test = training.evaluate(in_memory_state, images.x_test, images.y_test)
+    streamed_rate, in_memory_rate = float(np.median(rates["streamed"])), float(np.median(rates["in_memory"]))
     metrics = {
         "dataset_bytes": sum(f.stat().st_size for f in shard_dir.iterdir()),
-        **memory,
-        "samples_per_second": rate,
+        **rss.summary(),
+        "samples_per_second": streamed_rate,
         "in_memory_samples_per_second": in_memory_rate,
+        "relative_speed": float(np.median(np.divide(rates["streamed"], rates["in_memory"]))),
+        "samples_per_second_per_round": rates["streamed"],
+        "in_memory_samples_per_second_per_round": rates["in_memory"],
         "test_accuracy": test["accuracy"],
         "in_memory_test_accuracy": in_memory_test["accuracy"],
         "num_examples": len(dataset),
@@ -210,7 +258,8 @@ def run(config: Config, images: data.ImageData | None = None) -> dict[str, Any]:
         f"{config.copies} copies of {metrics['dataset']}: {metrics['num_examples']:,} images, "
         f"{metrics['dataset_bytes'] / 2**20:,.1f} MiB on disk; peak RSS {metrics['peak_rss_bytes'] / 2**20:,.0f} MiB "
         f"(process and {len(metrics['peak_rss_workers_bytes'])} workers); streaming "
-        f"{metrics['samples_per_second']:,.0f} samples/s, in memory {metrics['in_memory_samples_per_second']:,.0f}; "
+        f"{metrics['samples_per_second']:,.0f} samples/s, in memory {metrics['in_memory_samples_per_second']:,.0f} "
+        f"({metrics['relative_speed']:.0%}); "
         f"test accuracy {metrics['test_accuracy']:.4f} -> {config.out}/metrics.json",
         flush=True,
     )

@@ -24,8 +24,8 @@ def num_examples(x: Any) -> int:
     return lengths.pop()
 
 
-def take(x: Any, indices: np.ndarray) -> Any:
-    """Rows `indices` of an array or of every array in a dict."""
+def take(x: Any, indices: np.ndarray | slice) -> Any:
+    """Rows `indices` (an index array, or a slice for a view) of an array or of every array in a dict."""
     if isinstance(x, dict):
         return {k: np.asarray(v)[indices] for k, v in x.items()}
     return np.asarray(x)[indices]
@@ -40,7 +40,7 @@ def train_validation_split(x: Any, y: np.ndarray, validation_split: float) -> tu
         raise ValueError(
             f"validation_split={validation_split} leaves no training or no validation data from {n} samples"
         )
-    first, rest = np.arange(split_at), np.arange(split_at, n)
+    first, rest = slice(0, split_at), slice(split_at, n)  # views: the data set is not copied
     return (take(x, first), y[first]), (take(x, rest), y[rest])
 
 
@@ -52,6 +52,39 @@ def num_batches(num_examples: int, batch_size: int) -> int:
 def padded_size(batch_size: int, multiple: int = 1) -> int:
     """`batch_size` rounded up to a multiple of `multiple` (e.g. the device count)."""
     return -(-batch_size // multiple) * multiple
+
+
+def epoch_order(n: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The order of an epoch's `n` samples: `rng`'s permutation, or 0..n-1 unshuffled."""
+    return rng.permutation(n) if rng is not None else np.arange(n)
+
+
+def step_rows(
+    order: np.ndarray,
+    step: int,
+    batch_size: int,
+    *,
+    pad_multiple: int = 1,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows and mask of step `step` of an epoch in `order`: what `batch_indices` yields at that step.
+
+    Found without the epoch's other steps, so a stream can start (or resume) anywhere in an epoch of any size.
+    """
+    checks.positive_int("batch_size", batch_size)
+    size = padded_size(batch_size, pad_multiple)
+    if process_count < 1 or size % process_count:
+        raise ValueError(
+            f"process_count must be a positive divisor of the padded batch size {size}, got {process_count}"
+        )
+    checks.integer("process_index", process_index, low=0, high=process_count - 1)
+    rows = order[step * batch_size : (step + 1) * batch_size]
+    mask = np.zeros(size, np.float32)
+    mask[: len(rows)] = 1.0
+    rows = np.concatenate([rows, np.full(size - len(rows), rows[0])])
+    share = slice(process_index * size // process_count, (process_index + 1) * size // process_count)
+    return rows[share], mask[share]
 
 
 def batch_indices(
@@ -70,21 +103,11 @@ def batch_indices(
     With `process_count` > 1 (several processes, the same `rng` seed in each), only process `process_index`'s
     contiguous share of every padded global batch is yielded.
     """
-    checks.positive_int("batch_size", batch_size)
-    size = padded_size(batch_size, pad_multiple)
-    if process_count < 1 or size % process_count:
-        raise ValueError(
-            f"process_count must be a positive divisor of the padded batch size {size}, got {process_count}"
-        )
-    checks.integer("process_index", process_index, low=0, high=process_count - 1)
-    order = rng.permutation(n) if rng is not None else np.arange(n)
-    share = slice(process_index * size // process_count, (process_index + 1) * size // process_count)
-    for start in range(0, n, batch_size):
-        rows = order[start : start + batch_size]
-        mask = np.zeros(size, np.float32)
-        mask[: len(rows)] = 1.0
-        rows = np.concatenate([rows, np.full(size - len(rows), rows[0])])
-        yield rows[share], mask[share]
+    layout = {"pad_multiple": pad_multiple, "process_index": process_index, "process_count": process_count}
+    step_rows(np.zeros(1, np.int64), 0, batch_size, **layout)  # the layout's errors before the first batch
+    order = epoch_order(n, rng)
+    for step in range(num_batches(n, batch_size)):
+        yield step_rows(order, step, batch_size, **layout)
 
 
 def iterate_batches(

@@ -76,7 +76,7 @@ class ShardWriter:
         for i in range(lengths.pop()):
             if self._writer is None or self.counts[-1] == self.records_per_shard:
                 self._next_shard()
-            self._writer.write(streaming.encode_record({name: value[i] for name, value in arrays.items()}))
+            self._writer.write(streaming.encode_record({name: arrays[name][i] for name in self.fields}))
             self.counts[-1] += 1
 
     def _next_shard(self) -> None:

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from flaxlesson import data
+from flaxlesson import batching, data
 
 
 def test_validation_split_holds_out_the_last_fraction():
@@ -21,6 +21,12 @@ def test_validation_split_floors_the_training_part_like_keras():
 def test_validation_split_zero_keeps_everything():
     (_, y_train), (_, y_val) = data.train_validation_split(np.zeros((5, 1)), np.arange(5), 0.0)
     assert len(y_train) == 5 and len(y_val) == 0
+
+
+def test_validation_split_returns_views_not_copies():
+    x, y = np.zeros((10, 3)), np.arange(10)
+    (x_train, y_train), (x_val, _) = data.train_validation_split(x, y, 0.2)
+    assert np.shares_memory(x_train, x) and np.shares_memory(x_val, x) and np.shares_memory(y_train, y)
 
 
 @pytest.mark.parametrize("split", [-0.1, 1.0, 1.5])
@@ -55,6 +61,16 @@ def test_batches_of_dict_inputs_slice_every_array():
     x = {"x": np.arange(5)[:, None], "seq_lengths": np.arange(5) + 1}
     batch = next(data.iterate_batches(x, np.arange(5), 2))
     np.testing.assert_array_equal(batch["x"]["seq_lengths"], [1, 2])
+
+
+def test_step_rows_gives_any_step_of_batch_indices_on_its_own():
+    layout = {"pad_multiple": 3, "process_index": 1, "process_count": 3}
+    order = batching.epoch_order(10, np.random.default_rng(0))
+    expected = list(batching.batch_indices(10, 4, rng=np.random.default_rng(0), **layout))
+    for step in (2, 0, 1):
+        rows, mask = batching.step_rows(order, step, 4, **layout)
+        np.testing.assert_array_equal(rows, expected[step][0])
+        np.testing.assert_array_equal(mask, expected[step][1])
 
 
 @pytest.mark.parametrize("batch_size", [0, -3])

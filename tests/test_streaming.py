@@ -1,3 +1,4 @@
+import concurrent.futures
 import json
 import shutil
 
@@ -222,6 +223,39 @@ def test_split_of_zero_has_no_validation_view(shard_dir):
     assert len(train) == N and validation is None
 
 
+def test_records_of_fields_in_another_order_read_as_the_writer_orders_them(shard_dir, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(shard_dir, copy)
+    reader = streaming.ShardReader(shard_dir)
+    expected = reader.read(np.arange(64))
+    writer = array_record_module.ArrayRecordWriter(str(copy / "shard-00000.array_record"), shards.DEFAULT_OPTIONS)
+    for image, label in zip(expected["image"], expected["label"]):
+        writer.write(streaming.encode_record({"label": label, "image": image}))
+    writer.close()
+    got = streaming.ShardReader(copy).read(np.arange(64))
+    np.testing.assert_array_equal(got["image"], expected["image"])
+    np.testing.assert_array_equal(got["label"], expected["label"])
+
+
+def test_record_layout_decodes_a_batch_as_decode_record_does_each(shard_dir):
+    reader = streaming.ShardReader(shard_dir)
+    examples = [{"image": np.full((SIZE, SIZE, 1), i, np.uint8), "label": np.int32(i)} for i in (3, 250)]
+    decoded = streaming.RecordLayout(reader.fields).decode([streaming.encode_record(e) for e in examples])
+    np.testing.assert_array_equal(decoded["image"], np.stack([e["image"] for e in examples]))
+    np.testing.assert_array_equal(decoded["label"], [3, 250])
+    assert decoded["label"].dtype == np.int32
+
+
+def test_threads_reading_one_reader_at_once_each_get_their_records(shard_dir, in_memory):
+    reader = streaming.ShardReader(shard_dir)
+    orders = [np.random.default_rng(seed).permutation(N) for seed in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda order: [reader.read(order[i : i + 8]) for i in range(0, N, 8)], orders))
+    for order, batches in zip(orders, results):
+        labels = np.concatenate([batch["label"] for batch in batches])
+        np.testing.assert_array_equal(labels, in_memory.y_train[order])
+
+
 # Errors that name the file
 
 
@@ -346,12 +380,15 @@ def test_evaluate_and_predict_take_a_streaming_dataset(shard_dir, in_memory):
 
 def test_the_experiment_writes_its_metrics(tmp_path):
     metrics = experiment.main(
-        ["--copies=2", "--steps=3", "--dataset=digits", "--limit=50", "--workers=0", "--prefetch=0"]
+        ["--copies=2", "--steps=4", "--rounds=2", "--dataset=digits", "--limit=50", "--workers=0", "--prefetch=0"]
         + [f"--out={tmp_path}"]
     )
     assert metrics["num_examples"] == 100 and metrics["dataset_bytes"] > 100 * 28 * 28
     assert metrics["peak_rss_bytes"] >= metrics["peak_rss_main_bytes"] > 0
     assert metrics["samples_per_second"] > 0 and metrics["in_memory_samples_per_second"] > 0
+    assert len(metrics["samples_per_second_per_round"]) == len(metrics["in_memory_samples_per_second_per_round"]) == 2
+    ratios = np.divide(metrics["samples_per_second_per_round"], metrics["in_memory_samples_per_second_per_round"])
+    assert metrics["relative_speed"] == pytest.approx(np.median(ratios))
     assert 0.0 <= metrics["test_accuracy"] <= 1.0
     assert json.loads((tmp_path / "metrics.json").read_text())["num_examples"] == 100
 
