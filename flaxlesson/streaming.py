@@ -103,38 +103,34 @@ class RecordLayout:
 
     def __init__(self, fields: Mapping[str, Field]):
         self.fields = dict(fields)
+        sizes = {name: math.prod(field.shape) * field.dtype.itemsize for name, field in self.fields.items()}
 
-        def filled(marked: str | None) -> np.ndarray:
+        def encoded(marked: str | None) -> np.ndarray:
+            """A record whose `marked` field's bytes are all 0xff, every other field's 0."""
             example = {
-                name: np.frombuffer(
-                    (b"\xff" if name == marked else b"\x00") * math.prod(f.shape) * f.dtype.itemsize, f.dtype
-                ).reshape(f.shape)
-                for name, f in self.fields.items()
+                name: np.frombuffer((b"\xff" if name == marked else b"\x00") * sizes[name], field.dtype).reshape(
+                    field.shape
+                )
+                for name, field in self.fields.items()
             }
             return np.frombuffer(encode_record(example), np.uint8)
 
-        self.template = filled(None)
-        self.starts = {}
+        self.template = encoded(None)
+        self.spans, self.header = {}, np.ones(self.template.size, bool)
         for name in self.fields:
-            changed = np.flatnonzero(filled(name) != self.template)
-            self.starts[name] = int(changed[0]) if changed.size else 0
-        self.header = np.ones(self.template.size, bool)
-        for name, field in self.fields.items():
-            self.header[self.starts[name] : self.starts[name] + math.prod(field.shape) * field.dtype.itemsize] = False
+            start = int(np.argmax(encoded(name) != self.template))  # where the field's bytes begin
+            self.spans[name] = slice(start, start + sizes[name])
+            self.header[self.spans[name]] = False
 
     def decode(self, raws: Sequence[bytes]) -> dict[str, np.ndarray] | None:
         """The records' fields stacked, or None when any record is not laid out so (`decode_record` says why)."""
-        size = self.template.size
-        if any(len(raw) != size for raw in raws):
+        if any(len(raw) != self.template.size for raw in raws):
             return None
-        rows = np.frombuffer(b"".join(raws), np.uint8).reshape(len(raws), size)
+        rows = np.frombuffer(b"".join(raws), np.uint8).reshape(len(raws), self.template.size)
         if not (rows[:, self.header] == self.template[self.header]).all():
             return None
         return {
-            name: rows[:, self.starts[name] : self.starts[name] + math.prod(field.shape) * field.dtype.itemsize]
-            .copy()
-            .view(field.dtype)
-            .reshape(len(raws), *field.shape)
+            name: rows[:, self.spans[name]].copy().view(field.dtype).reshape(len(raws), *field.shape)
             for name, field in self.fields.items()
         }
 
