@@ -305,32 +305,32 @@ def fit(
             f"train (initial_epoch={initial_epoch}, epochs={epochs}), got {initial_step}"
         )
     executor = _Executor(strategy, steps_per_execution, total_steps)
-
-    train_call = strategy.compile(
-        steps.scan_train_step(make_train_step(state.loss, axis_name=strategy.axis_name, augment=augment)),
-        donate_argnums=(0,),
-    )
-    state = strategy.replicate(state)
-    key = strategy.replicate(jax.random.key(seed))
-    first, count, _ = next(executor.calls(iter([source.example_input(batch_size)])))
-    start = time.perf_counter()
-    train_call = train_call.lower(state, executor.zeros, key, source.data, first, count).compile()
-    history = History(compile_seconds=time.perf_counter() - start)
-    val_source = val_call = None
-    if validation_data is not None:
-        val_source = _source(*validation_data, strategy, data_on_device)
-        val_call = strategy.compile(steps.scan_eval_step(make_eval_step(state.loss, axis_name=strategy.axis_name)))
-        val_executor = _Executor(
-            strategy, steps_per_execution, batching.num_batches(val_source.num_examples, batch_size)
-        )
-
-    logs: dict[str, float] = {}
-    for callback in callbacks:
-        callback.set_params({"epochs": epochs, "steps": total_steps, "samples": n, "verbose": verbose})
     agreed = _agreed_stops(strategy)
     calls = 0
     signals = (signal.SIGINT,) if agreed else (signal.SIGINT, signal.SIGTERM)
+    # From here a signal is recorded, not raised: one that comes while compiling stops the fit after its first call.
     with _stop_requests(signals) as stop, contextlib.closing(source):
+        train_call = strategy.compile(
+            steps.scan_train_step(make_train_step(state.loss, axis_name=strategy.axis_name, augment=augment)),
+            donate_argnums=(0,),
+        )
+        state = strategy.replicate(state)
+        key = strategy.replicate(jax.random.key(seed))
+        first, count, _ = next(executor.calls(iter([source.example_input(batch_size)])))
+        start = time.perf_counter()
+        train_call = train_call.lower(state, executor.zeros, key, source.data, first, count).compile()
+        history = History(compile_seconds=time.perf_counter() - start)
+        val_source = val_call = None
+        if validation_data is not None:
+            val_source = _source(*validation_data, strategy, data_on_device)
+            val_call = strategy.compile(steps.scan_eval_step(make_eval_step(state.loss, axis_name=strategy.axis_name)))
+            val_executor = _Executor(
+                strategy, steps_per_execution, batching.num_batches(val_source.num_examples, batch_size)
+            )
+
+        logs: dict[str, float] = {}
+        for callback in callbacks:
+            callback.set_params({"epochs": epochs, "steps": total_steps, "samples": n, "verbose": verbose})
         for callback in callbacks:
             callback.on_train_begin(strategy.unreplicate(state))
         for epoch in range(initial_epoch, epochs):

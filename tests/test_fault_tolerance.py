@@ -95,6 +95,18 @@ def test_a_fit_stopped_mid_epoch_resumes_to_the_uninterrupted_params_bit_for_bit
     assert checkpoint.fingerprint(resumed.params) == checkpoint.fingerprint(_uninterrupted(steps_per_execution).params)
 
 
+def test_a_signal_while_the_fit_compiles_stops_it_after_its_first_call(monkeypatch):
+    scan_train_step = training.steps.scan_train_step
+
+    def signalled(train_step):
+        os.kill(os.getpid(), signal.SIGINT)
+        return scan_train_step(train_step)
+
+    monkeypatch.setattr(training.steps, "scan_train_step", signalled)
+    state, history = _fit(_state())
+    assert history.interrupted == "SIGINT" and history.epoch == [] and int(state.step) == 1
+
+
 def test_a_checkpoint_holds_the_data_position_and_seed(tmp_path):
     _run(_start(tmp_path), StopAt(1, 3))
     state, position = checkpoint.restore_newest(tmp_path, _state())
