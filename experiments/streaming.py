@@ -102,13 +102,14 @@ def write_augmented_copies(
     return Path(out_dir)
 
 
-def train(state: training.TrainState, x: Any, y: np.ndarray | None, config: Config, round_: int) -> tuple[Any, float]:
+def train(
+    state: training.TrainState, x: Any, y: np.ndarray | None, config: Config, round_: int
+) -> tuple[training.TrainState, training.History]:
     """Round `round_` of `config.rounds`: about `config.steps / config.rounds` steps of `training.fit`.
 
-    Returns the state and samples/s (the round's median epoch's); x is arrays, or a streaming dataset. The steps
-    are spread over whole epochs' worth of the data (Keras's `steps_per_epoch` cuts each epoch), so the same call
-    trains from a 1x set in memory and from an N-copy set on disk; each round goes on where the last one's epochs
-    ended.
+    x is arrays, or a streaming dataset. The steps are spread over whole epochs' worth of the data (Keras's
+    `steps_per_epoch` cuts each epoch), so the same call trains from a 1x set in memory and from an N-copy set on
+    disk; each round goes on where the last one's epochs ended.
     """
     n = x.num_examples if y is None else len(y)
     steps = math.ceil(config.steps / config.rounds)
@@ -125,7 +126,7 @@ def train(state: training.TrainState, x: Any, y: np.ndarray | None, config: Conf
         seed=config.seed,
         verbose=2,
     )
-    return state, history.summary()["train_samples_per_second"]
+    return state, history
 
 
 class PeakRss:
@@ -194,6 +195,11 @@ class PeakRss:
         }
 
 
+def _median(values: Any) -> float | None:
+    """The median of the rounds' values; None when no round finished."""
+    return float(np.median(values)) if len(values) else None
+
+
 def load_images(config: Config) -> data.ImageData:
     """The run's training and test images; a source that is not there is a ConfigError of --dataset."""
     try:
@@ -220,27 +226,33 @@ def run(config: Config, images: data.ImageData | None = None) -> dict[str, Any]:
     write_seconds = time.perf_counter() - start
     dataset = streaming.StreamingDataset(shard_dir, worker_count=config.workers, prefetch=config.prefetch)
     rates: dict[str, list[float]] = {"streamed": [], "in_memory": []}
+    stopped: dict[str, Any] = {}
     with PeakRss() as rss:
         for round_ in range(config.rounds):
             with rss.measuring():
-                state, rate = train(state, dataset, None, config, round_)
-            rates["streamed"].append(rate)
-            in_memory_state, rate = train(in_memory_state, images.x_train, images.y_train, config, round_)
-            rates["in_memory"].append(rate)
+                state, streamed = train(state, dataset, None, config, round_)
+            in_memory = None
+            if not flags.interrupted(streamed):
+                in_memory_state, in_memory = train(in_memory_state, images.x_train, images.y_train, config, round_)
+            stopped = flags.interrupted(streamed, in_memory)
+            if stopped:
+                break  # an unfinished round is not compared
+            rates["streamed"].append(streamed.summary()["train_samples_per_second"])
+            rates["in_memory"].append(in_memory.summary()["train_samples_per_second"])
             print(
                 f"round {round_ + 1}/{config.rounds}: streamed {rates['streamed'][-1]:,.0f} samples/s, "
-                f"in memory {rate:,.0f}",
+                f"in memory {rates['in_memory'][-1]:,.0f}",
                 flush=True,
             )
     test = training.evaluate(state, images.x_test, images.y_test)
     in_memory_test = training.evaluate(in_memory_state, images.x_test, images.y_test)
-    streamed_rate, in_memory_rate = float(np.median(rates["streamed"])), float(np.median(rates["in_memory"]))
+    ratios = np.divide(rates["streamed"], rates["in_memory"])
     metrics = {
         "dataset_bytes": sum(f.stat().st_size for f in shard_dir.iterdir()),
         **rss.summary(),
-        "samples_per_second": streamed_rate,
-        "in_memory_samples_per_second": in_memory_rate,
-        "relative_speed": float(np.median(np.divide(rates["streamed"], rates["in_memory"]))),
+        "samples_per_second": _median(rates["streamed"]),
+        "in_memory_samples_per_second": _median(rates["in_memory"]),
+        "relative_speed": _median(ratios),
         "samples_per_second_per_round": rates["streamed"],
         "in_memory_samples_per_second_per_round": rates["in_memory"],
         "test_accuracy": test["accuracy"],
@@ -252,14 +264,19 @@ def run(config: Config, images: data.ImageData | None = None) -> dict[str, Any]:
         "dataset_source": images.source,
         "shard_dir": str(shard_dir),
         "config": config,
+        **stopped,
     }
     results.write_metrics(config.out, metrics)
+    speed = (
+        f"streaming {metrics['samples_per_second']:,.0f} samples/s, in memory "
+        f"{metrics['in_memory_samples_per_second']:,.0f} ({metrics['relative_speed']:.0%})"
+        if rates["streamed"]
+        else "no round finished"
+    )
     print(
         f"{config.copies} copies of {metrics['dataset']}: {metrics['num_examples']:,} images, "
         f"{metrics['dataset_bytes'] / 2**20:,.1f} MiB on disk; peak RSS {metrics['peak_rss_bytes'] / 2**20:,.0f} MiB "
-        f"(process and {len(metrics['peak_rss_workers_bytes'])} workers); streaming "
-        f"{metrics['samples_per_second']:,.0f} samples/s, in memory {metrics['in_memory_samples_per_second']:,.0f} "
-        f"({metrics['relative_speed']:.0%}); "
+        f"(process and {len(metrics['peak_rss_workers_bytes'])} workers); {speed}; "
         f"test accuracy {metrics['test_accuracy']:.4f} -> {config.out}/metrics.json",
         flush=True,
     )

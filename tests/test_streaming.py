@@ -393,6 +393,25 @@ def test_the_experiment_writes_its_metrics(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["num_examples"] == 100
 
 
+def test_an_interrupted_experiment_writes_what_ran_and_exits_130(tmp_path, monkeypatch):
+    fit = training.fit
+
+    def interrupted_in_its_second_call(*args, **kwargs):
+        state, history = fit(*args, **kwargs)
+        history.interrupted = "SIGINT" if kwargs["initial_epoch"] else None
+        return state, history
+
+    monkeypatch.setattr(training, "fit", interrupted_in_its_second_call)
+    with pytest.raises(SystemExit) as exit_:
+        experiment.main(
+            ["--copies=1", "--steps=4", "--rounds=2", "--dataset=digits", "--limit=50", f"--out={tmp_path}"]
+        )
+    assert exit_.value.code == 130
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["interrupted"] is True and len(written["samples_per_second_per_round"]) == 1
+    assert written["relative_speed"] > 0 and written["dataset_bytes"] > 50 * 28 * 28
+
+
 @pytest.mark.parametrize(
     "flag, message",
     [
