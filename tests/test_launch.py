@@ -160,14 +160,16 @@ def test_initialize_starts_nothing_in_a_cluster_run_of_one_process(monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs Open MPI's mpirun (Debian: openmpi-bin)")
-def test_initialize_joins_a_run_started_by_mpirun():
+def test_initialize_joins_a_run_started_by_mpirun(tmp_path):
     # Two processes started by mpirun on loopback, nothing but Open MPI's variables to go on, sum an array built
-    # from their local halves: process p holds [2p, 2p + 1], so the global array is 0..3 and its sum 6.
+    # from their local halves: process p holds [2p, 2p + 1], so the global array is 0..3 and its sum 6. Each
+    # writes its line to a file of its own: mpirun forwards the two processes' output in pieces that interleave.
     code = (
-        "import jax, jax.numpy as jnp, numpy as np; from flaxlesson import parallel; n = parallel.initialize(); "
+        "import sys, jax, jax.numpy as jnp, numpy as np; from flaxlesson import parallel; n = parallel.initialize(); "
         "strategy = parallel.Sharded(); rank = jax.process_index(); "
         "x = strategy.shard_steps(np.arange(2 * rank, 2 * rank + 2, dtype=np.float32)[None]); "
-        "print('sum', n, rank, jax.device_count(), float(jax.jit(jnp.sum)(x)))"
+        "line = f'sum {n} {rank} {jax.device_count()} {float(jax.jit(jnp.sum)(x))}'; "
+        "open(f'{sys.argv[1]}/rank{rank}', 'w').write(line)"
     )
     env = {
         k: v
@@ -182,8 +184,13 @@ def test_initialize_joins_a_run_started_by_mpirun():
     )
     mpirun = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--mca", "oob_tcp_if_include", "lo", "-np", "2"]
     done = subprocess.run(
-        [*mpirun, sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+        [*mpirun, sys.executable, "-c", code, str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    ours = sorted(line for line in done.stdout.splitlines() if line.startswith("sum "))  # not Gloo's lines
-    assert ours == ["sum 2 0 2 6.0", "sum 2 1 2 6.0"]
+    lines = [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)]
+    assert lines == ["sum 2 0 2 6.0", "sum 2 1 2 6.0"]
