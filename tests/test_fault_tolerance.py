@@ -184,6 +184,17 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_and_the_run_resum
     assert not list(directory.glob("*.orbax-checkpoint-tmp*"))  # the killed write's folder is cleared
 
 
+def _python(code, folder):
+    """A Python process running `code` with `folder` as its argument, this project importable, stdout piped."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, str(folder)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
 HOLDER = """
 import sys, time
 import numpy as np
@@ -197,13 +208,7 @@ time.sleep(120)
 
 
 def test_a_second_run_on_a_folder_is_refused_naming_the_holder_until_the_holder_dies(tmp_path):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(tmp_path)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = _python(HOLDER, tmp_path)
     try:
         assert holder.stdout.readline() == "holding\n"
         with pytest.raises(checkpoint.CheckpointError, match=rf"is in use by another run \(pid {holder.pid} on "):
@@ -352,13 +357,7 @@ sys.exit(flags.exit_code(flags.interrupted(history)))
 
 
 def test_sigterm_stops_a_run_within_30s_with_a_checkpoint_that_resumes_to_the_uninterrupted_params(tmp_path):
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    child = _python(CHILD, tmp_path)
     try:
         assert child.stdout.readline() == "ready\n"
         start = time.monotonic()
