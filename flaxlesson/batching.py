@@ -59,6 +59,28 @@ def epoch_order(n: int, rng: np.random.Generator | None = None) -> np.ndarray:
     return rng.permutation(n) if rng is not None else np.arange(n)
 
 
+def _layout(batch_size: int, pad_multiple: int, process_index: int, process_count: int) -> tuple[int, slice]:
+    """The padded global batch size, and this process's share of a batch's rows; errors name the bad argument."""
+    checks.positive_int("batch_size", batch_size)
+    size = padded_size(batch_size, pad_multiple)
+    if process_count < 1 or size % process_count:
+        raise ValueError(
+            f"process_count must be a positive divisor of the padded batch size {size}, got {process_count}"
+        )
+    checks.integer("process_index", process_index, low=0, high=process_count - 1)
+    return size, slice(process_index * size // process_count, (process_index + 1) * size // process_count)
+
+
+def _padded_rows(
+    order: np.ndarray, step: int, batch_size: int, size: int, share: slice
+) -> tuple[np.ndarray, np.ndarray]:
+    rows = order[step * batch_size : (step + 1) * batch_size]
+    mask = np.zeros(size, np.float32)
+    mask[: len(rows)] = 1.0
+    rows = np.concatenate([rows, np.full(size - len(rows), rows[0])])
+    return rows[share], mask[share]
+
+
 def step_rows(
     order: np.ndarray,
     step: int,
@@ -72,19 +94,7 @@ def step_rows(
 
     Found without the epoch's other steps, so a stream can start (or resume) anywhere in an epoch of any size.
     """
-    checks.positive_int("batch_size", batch_size)
-    size = padded_size(batch_size, pad_multiple)
-    if process_count < 1 or size % process_count:
-        raise ValueError(
-            f"process_count must be a positive divisor of the padded batch size {size}, got {process_count}"
-        )
-    checks.integer("process_index", process_index, low=0, high=process_count - 1)
-    rows = order[step * batch_size : (step + 1) * batch_size]
-    mask = np.zeros(size, np.float32)
-    mask[: len(rows)] = 1.0
-    rows = np.concatenate([rows, np.full(size - len(rows), rows[0])])
-    share = slice(process_index * size // process_count, (process_index + 1) * size // process_count)
-    return rows[share], mask[share]
+    return _padded_rows(order, step, batch_size, *_layout(batch_size, pad_multiple, process_index, process_count))
 
 
 def batch_indices(
@@ -103,11 +113,10 @@ def batch_indices(
     With `process_count` > 1 (several processes, the same `rng` seed in each), only process `process_index`'s
     contiguous share of every padded global batch is yielded.
     """
-    layout = {"pad_multiple": pad_multiple, "process_index": process_index, "process_count": process_count}
-    step_rows(np.zeros(1, np.int64), 0, batch_size, **layout)  # the layout's errors before the first batch
+    size, share = _layout(batch_size, pad_multiple, process_index, process_count)
     order = epoch_order(n, rng)
     for step in range(num_batches(n, batch_size)):
-        yield step_rows(order, step, batch_size, **layout)
+        yield _padded_rows(order, step, batch_size, size, share)
 
 
 def iterate_batches(

@@ -226,6 +226,7 @@ class ShardReader:
         for file, count in zip(self.files, self.counts):
             _check_shard(file, count, self.fields)
         self._ends = np.cumsum(self.counts)
+        self._starts = self._ends - np.asarray(self.counts)  # each shard's first record
         self._layout = RecordLayout(self.fields)
         self._local = threading.local()
 
@@ -249,7 +250,7 @@ class ShardReader:
         """The records at `indices`, decoded and stacked; a ShardError names the file of a record that does not fit."""
         indices = np.asarray(indices, np.int64).reshape(-1)
         shards = np.searchsorted(self._ends, indices, side="right")
-        positions = (indices - (self._ends[shards] - np.asarray(self.counts)[shards])).tolist()
+        positions = (indices - self._starts[shards]).tolist()
         raws, readers = [], self._readers()
         for shard, position in zip(shards.tolist(), positions, strict=True):
             reader = readers[shard]
