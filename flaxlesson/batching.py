@@ -1,9 +1,11 @@
-"""The one batch iterator, and Keras's validation split: host arrays in, fixed-size masked batches out.
+"""The one batch layout and shuffle rule, and Keras's validation split: rows in, fixed-size masked batches out.
 
-Batches come out at one fixed size (the last partial batch is padded and carries a mask), so the jitted steps that
-consume them compile once. Several processes each read only their share of every global batch.
+Every source (host arrays, arrays resident on the device, streamed records) cuts its epochs with `Layout` and
+orders them with `epoch_order`. Batches come out at one fixed size (the last partial batch is padded and carries a
+mask), so the jitted steps that consume them compile once. Several processes each read only their share.
 """
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -54,69 +56,64 @@ def padded_size(batch_size: int, multiple: int = 1) -> int:
     return -(-batch_size // multiple) * multiple
 
 
-def epoch_order(n: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    """The order of an epoch's `n` samples: `rng`'s permutation, or 0..n-1 unshuffled."""
-    return rng.permutation(n) if rng is not None else np.arange(n)
+def epoch_order(n: int, *, seed: int = 0, epoch: int = 0, shuffle: bool = True) -> np.ndarray:
+    """The order of epoch `epoch`'s `n` samples: the one shuffle rule of every source.
 
-
-def _layout(batch_size: int, pad_multiple: int, process_index: int, process_count: int) -> tuple[int, slice]:
-    """The padded global batch size, and this process's share of a batch's rows; errors name the bad argument."""
-    checks.positive_int("batch_size", batch_size)
-    size = padded_size(batch_size, pad_multiple)
-    if process_count < 1 or size % process_count:
-        raise ValueError(
-            f"process_count must be a positive divisor of the padded batch size {size}, got {process_count}"
-        )
-    checks.integer("process_index", process_index, low=0, high=process_count - 1)
-    return size, slice(process_index * size // process_count, (process_index + 1) * size // process_count)
-
-
-def _padded_rows(
-    order: np.ndarray, step: int, batch_size: int, size: int, share: slice
-) -> tuple[np.ndarray, np.ndarray]:
-    rows = order[step * batch_size : (step + 1) * batch_size]
-    mask = np.zeros(size, np.float32)
-    mask[: len(rows)] = 1.0
-    rows = np.concatenate([rows, np.full(size - len(rows), rows[0])])
-    return rows[share], mask[share]
-
-
-def step_rows(
-    order: np.ndarray,
-    step: int,
-    batch_size: int,
-    *,
-    pad_multiple: int = 1,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The rows and mask of step `step` of an epoch in `order`: what `batch_indices` yields at that step.
-
-    Found without the epoch's other steps, so a stream can start (or resume) anywhere in an epoch of any size.
+    A permutation drawn from `np.random.default_rng([seed, epoch])` when `shuffle`, else 0..n-1. It depends on
+    nothing but its arguments, so a resumed run, a streamed set and every process draw the same order.
     """
-    return _padded_rows(order, step, batch_size, *_layout(batch_size, pad_multiple, process_index, process_count))
+    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
 
 
-def batch_indices(
-    n: int,
-    batch_size: int,
-    *,
-    rng: np.random.Generator | None = None,
-    pad_multiple: int = 1,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The rows and mask of each fixed-size batch of an epoch over `n` samples, shuffled by `rng` when given.
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How an epoch of `num_examples` rows is cut into fixed-size masked batches: the one batch layout.
 
-    Each batch holds `batch_size` samples, the last one fewer; every batch is padded (with copies of its first
-    row) to `padded_size(batch_size, pad_multiple)` rows, and the mask is 1.0 on real rows, 0.0 on padding.
-    With `process_count` > 1 (several processes, the same `rng` seed in each), only process `process_index`'s
-    contiguous share of every padded global batch is yielded.
+    Each step takes the next `batch_size` rows of the epoch's order, the last step fewer; every batch is padded
+    (with copies of its first row) to `size`, `batch_size` rounded up to `pad_multiple` (the device count), and
+    its mask is 1.0 on real rows, 0.0 on padding. With `process_count` > 1 each process reads only its
+    contiguous `share` of every padded global batch.
     """
-    size, share = _layout(batch_size, pad_multiple, process_index, process_count)
-    order = epoch_order(n, rng)
-    for step in range(num_batches(n, batch_size)):
-        yield _padded_rows(order, step, batch_size, size, share)
+
+    num_examples: int
+    batch_size: int
+    pad_multiple: int = 1
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self) -> None:
+        checks.positive_int("batch_size", self.batch_size)
+        checks.positive_int("pad_multiple", self.pad_multiple)
+        if self.process_count < 1 or self.size % self.process_count:
+            raise ValueError(
+                f"process_count must be a positive divisor of the padded batch size {self.size}, "
+                f"got {self.process_count}"
+            )
+        checks.integer("process_index", self.process_index, low=0, high=self.process_count - 1)
+
+    @property
+    def steps(self) -> int:
+        """Steps in an epoch: the last partial batch counts as one."""
+        return num_batches(self.num_examples, self.batch_size)
+
+    @property
+    def size(self) -> int:
+        """Rows of every padded global batch."""
+        return padded_size(self.batch_size, self.pad_multiple)
+
+    @property
+    def share(self) -> slice:
+        """This process's rows of a padded global batch."""
+        rows = self.size // self.process_count
+        return slice(self.process_index * rows, (self.process_index + 1) * rows)
+
+    def step_rows(self, order: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """This process's rows and mask at step `step` of an epoch in `order`, found without the other steps."""
+        rows = order[step * self.batch_size : (step + 1) * self.batch_size]
+        mask = np.zeros(self.size, np.float32)
+        mask[: len(rows)] = 1.0
+        rows = np.concatenate([rows, np.full(self.size - len(rows), rows[0])])
+        return rows[self.share], mask[self.share]
 
 
 def iterate_batches(
@@ -124,28 +121,26 @@ def iterate_batches(
     y: np.ndarray | None,
     batch_size: int,
     *,
-    rng: np.random.Generator | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = False,
+    start_step: int = 0,
     pad_multiple: int = 1,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Iterator[Batch]:
-    """Yield `{'x', 'y', 'mask'}` batches of one fixed size, shuffled by `rng` when given (see `batch_indices`).
+    """The `{'x', 'y', 'mask'}` batches of one epoch over host arrays, in `Layout`'s fixed size.
 
-    With several processes only this process's share of every global batch is yielded, and only those rows of
-    `x` and `y` are read.
+    Ordered by `epoch_order(seed=, epoch=, shuffle=)`; from step `start_step` on, the steps before it never
+    read. With several processes only this process's share of every global batch is yielded and read.
     """
-    shares = batch_indices(
-        num_examples(x),
-        batch_size,
-        rng=rng,
-        pad_multiple=pad_multiple,
-        process_index=process_index,
-        process_count=process_count,
-    )
-    for rows, mask in shares:
+    layout = Layout(num_examples(x), batch_size, pad_multiple, process_index, process_count)
+    order = epoch_order(layout.num_examples, seed=seed, epoch=epoch, shuffle=shuffle)
+    for step in range(start_step, layout.steps):
+        rows, mask = layout.step_rows(order, step)
         batch = {"x": take(x, rows), "mask": mask}
         if y is not None:
-            batch["y"] = y[rows]
+            batch["y"] = np.asarray(y)[rows]
         yield batch
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flaxlesson import checks, steps
+from flaxlesson import checks, core
 
 State = Any
 Logs = Mapping[str, float]
@@ -314,7 +314,7 @@ class ReduceLROnPlateau(_MonitorCallback):
     Keras 3's decisions: logs['learning_rate'] gets the rate the epoch trained with (so History records it); an
     improvement beats the best by more than `min_delta`; during `cooldown` epochs after a reduction nothing
     counts; a reduction happens only while the rate is above `min_lr`, to max(rate * factor, min_lr). The rate
-    lives in the optimiser state (`steps.keras_adam`), so changing it needs no recompile.
+    lives in the optimiser state (`core.keras_adam`), so changing it needs no recompile.
     """
 
     def __init__(
@@ -341,10 +341,10 @@ class ReduceLROnPlateau(_MonitorCallback):
         self.on_train_begin(None)
 
     def on_train_begin(self, state: State) -> None:
-        if state is not None and steps.learning_rate(state) is None:
+        if state is not None and core.learning_rate(state) is None:
             raise ValueError(
                 "state: ReduceLROnPlateau needs the learning rate in the optimiser state; build the optimiser with "
-                "steps.keras_adam or optax.inject_hyperparams"
+                "core.keras_adam or optax.inject_hyperparams"
             )
         self.best, self.cooldown_counter, self.wait, self.stop_training = None, 0, 0, False
 
@@ -353,7 +353,7 @@ class ReduceLROnPlateau(_MonitorCallback):
         return self.cooldown_counter > 0
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float], state: State) -> State | None:
-        rate = steps.learning_rate(state)
+        rate = core.learning_rate(state)
         logs["learning_rate"] = rate
         current = self._current(logs)
         if self.in_cooldown():
@@ -371,7 +371,7 @@ class ReduceLROnPlateau(_MonitorCallback):
         if self.verbose > 0:
             logger.info("Epoch %d: ReduceLROnPlateau reducing learning rate to %s.", epoch + 1, new_rate)
         self.cooldown_counter, self.wait = self.cooldown, 0
-        return steps.set_learning_rate(state, new_rate)
+        return core.set_learning_rate(state, new_rate)
 
 
 class TerminateOnNaN(Callback):
@@ -507,7 +507,7 @@ class TensorBoard(Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, float], state: State) -> None:
         self._write_pending()
         train = {key: value for key, value in logs.items() if not key.startswith("val_")}
-        rate = steps.learning_rate(state)
+        rate = core.learning_rate(state)
         if rate is not None:
             train["learning_rate"] = rate
         if self._trained_at is not None and "samples" in self.params:

@@ -52,3 +52,12 @@ def one_of(name: str, value: Any, choices: Any) -> Any:
     if value not in choices:
         raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
     return value
+
+
+def count_or_epoch(name: str, value: Any) -> int | str:
+    """`value` as an int >= 1, or the string 'epoch': how often something happens, in steps or once an epoch."""
+    if value == "epoch":
+        return value
+    if isinstance(value, str) or not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer or 'epoch', got {value!r}")
+    return int(value)

@@ -41,6 +41,7 @@ class Strategy(Protocol):
     axis_name: str | None
     process_index: int
     process_count: int
+    devices: list[jax.Device]
 
     def compile(self, step: Callable, donate_argnums: tuple[int, ...] = ()) -> Callable:
         """`step` compiled for this strategy's devices, donating the named arguments' buffers."""
@@ -51,11 +52,14 @@ class Strategy(Protocol):
     def unreplicate(self, tree: Any) -> Any:
         """One copy of replicated state, as an ordinary pytree."""
 
+    def shard_batch(self, batch: Any) -> Any:
+        """One step's input, (this process's rows, ...), placed with the rows split over devices."""
+
     def shard_steps(self, inputs: Any) -> Any:
         """Inputs of several steps, (steps, this process's rows, ...), placed with the rows split over devices."""
 
-    def gather_rows(self, rows: Any) -> np.ndarray:
-        """A per-example output of stacked steps as one host array, (steps * global rows, ...), in batch order."""
+    def gather_rows(self, rows: Any, stacked: bool = True) -> np.ndarray:
+        """A per-example output as one host array, (steps * global rows, ...) in batch order; `stacked`: of K steps."""
 
 
 class SingleDevice:
@@ -69,6 +73,7 @@ class SingleDevice:
 
     def __init__(self, device: jax.Device | None = None):
         self.device = device or jax.local_devices()[0]
+        self.devices = [self.device]
 
     def compile(self, step: Callable, donate_argnums: tuple[int, ...] = ()) -> Callable:
         """`step` jitted for this device, donating the named arguments' buffers."""
@@ -81,6 +86,10 @@ class SingleDevice:
         """
         return jax.device_put(tree, self.device, may_alias=False)
 
+    def shard_batch(self, batch: Any) -> Any:
+        """Put one step's input where the step reads it."""
+        return jax.device_put(batch, self.device)
+
     def shard_steps(self, inputs: Any) -> Any:
         """Put the stacked inputs of several steps where the step reads them."""
         return jax.device_put(inputs, self.device)
@@ -89,10 +98,10 @@ class SingleDevice:
         """One copy of replicated state, as an ordinary pytree."""
         return tree
 
-    def gather_rows(self, rows: Any) -> np.ndarray:
-        """Stacked per-example outputs as one host array in batch order."""
+    def gather_rows(self, rows: Any, stacked: bool = True) -> np.ndarray:
+        """Per-example outputs (of stacked steps when `stacked`) as one host array in batch order."""
         rows = np.asarray(rows)
-        return rows.reshape(-1, *rows.shape[2:])
+        return rows.reshape(-1, *rows.shape[2:]) if stacked else rows
 
 
 def _check_num_devices(num_devices: int | None) -> int:
@@ -151,6 +160,7 @@ class _MeshStrategy:
 
     def __init__(self, num_devices: int | None = None):
         self.mesh = data_mesh(num_devices)
+        self.devices = list(self.mesh.devices.flat)
         self.num_replicas = self.mesh.size
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
 
@@ -168,6 +178,7 @@ class Sharded(_MeshStrategy):
     def __init__(self, num_devices: int | None = None):
         super().__init__(num_devices)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(AXIS))
         self.steps_sharding = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
 
     def compile(self, step: Callable, donate_argnums: tuple[int, ...] = ()) -> Callable:
@@ -178,6 +189,10 @@ class Sharded(_MeshStrategy):
         """A full copy of `tree` on every device of the mesh."""
         return jax.tree.map(lambda leaf: _put(leaf, self.replicated, None), tree)
 
+    def shard_batch(self, batch: Any) -> Any:
+        """A global (batch, ...) array built from this process's contiguous slice of the batch."""
+        return jax.make_array_from_process_local_data(self.batch_sharding, batch)
+
     def shard_steps(self, inputs: Any) -> Any:
         """Global (steps, batch, ...) arrays built from this process's contiguous slice of every batch."""
         return jax.make_array_from_process_local_data(self.steps_sharding, inputs)
@@ -186,10 +201,10 @@ class Sharded(_MeshStrategy):
         """Replicated arrays are already ordinary (global) arrays."""
         return tree
 
-    def gather_rows(self, rows: jax.Array) -> np.ndarray:
-        """Batch-sharded stacked outputs as one host array in batch order, on every process."""
+    def gather_rows(self, rows: jax.Array, stacked: bool = True) -> np.ndarray:
+        """Batch-sharded outputs (of stacked steps when `stacked`) as one host array in batch order, everywhere."""
         rows = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
-        return rows.reshape(-1, *rows.shape[2:])
+        return rows.reshape(-1, *rows.shape[2:]) if stacked else rows
 
 
 class Pmap(_MeshStrategy):
@@ -226,6 +241,14 @@ class Pmap(_MeshStrategy):
         raw = jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
         return jax.tree.map(lambda leaf: _put(leaf, self.sharding, self.num_replicas), raw)
 
+    def shard_batch(self, batch: Any) -> Any:
+        """This process's (rows, ...) input as (local devices, rows per device, ...)."""
+
+        def split(a: np.ndarray) -> np.ndarray:
+            return np.reshape(a, (self.local_count, -1, *np.shape(a)[1:]))
+
+        return jax.make_array_from_process_local_data(self.sharding, jax.tree.map(split, batch))
+
     def shard_steps(self, inputs: Any) -> Any:
         """This process's (steps, rows, ...) inputs as (local devices, steps, rows per device, ...)."""
 
@@ -239,10 +262,12 @@ class Pmap(_MeshStrategy):
         """The first local device's copy, without the device axis."""
         return jax.tree.map(lambda leaf: leaf.addressable_shards[0].data[0], tree)
 
-    def gather_rows(self, rows: jax.Array) -> np.ndarray:
-        """Per-device stacked outputs, (devices, steps, rows, ...), as one host array in batch order."""
-        rows = np.swapaxes(np.asarray(multihost_utils.process_allgather(rows, tiled=True)), 0, 1)
-        return rows.reshape(-1, *rows.shape[3:])
+    def gather_rows(self, rows: jax.Array, stacked: bool = True) -> np.ndarray:
+        """Per-device outputs, (devices, [steps,] rows, ...), as one host array in batch order."""
+        rows = np.asarray(multihost_utils.process_allgather(rows, tiled=True))
+        if not stacked:
+            return rows.reshape(-1, *rows.shape[2:])
+        return np.swapaxes(rows, 0, 1).reshape(-1, *rows.shape[3:])
 
 
 STRATEGIES: dict[str, Callable[[], Strategy]] = {"single": SingleDevice, "sharded": Sharded, "pmap": Pmap}
@@ -261,8 +286,7 @@ def get_strategy(strategy: Strategy | str | None = None) -> Strategy:
 
 def device_memory_bytes(strategy: Strategy) -> int:
     """Memory of one device the strategy runs on: its allocator's limit, or on a CPU the host's RAM per device."""
-    device = strategy.mesh.devices.flat[0] if hasattr(strategy, "mesh") else strategy.device
-    stats = device.memory_stats() or {}
+    stats = strategy.devices[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()

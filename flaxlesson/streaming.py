@@ -3,10 +3,9 @@
 A `StreamingDataset` reads a folder of ArrayRecord shards (written by `flaxlesson.shards`) or a prepared TFDS
 split (through `tfds.data_source`), and never holds more than the batches in flight. Its `batches(...)` yields
 exactly the dicts that `data.iterate_batches` yields over the same images held in memory as float32 in [0, 1]:
-the same order, padding, mask and per-process share. The order is the in-memory one on purpose: each epoch is
-`np.random.default_rng([seed, epoch]).permutation(n)` of the row numbers (indices only, never the data), as in
-`training.fit`, so a streaming fit and an in-memory fit are the same computation and can be checked against each
-other to rounding, and an in-memory run resumed from a streaming one (or back) continues the same sequence.
+the same order, padding, mask and per-process share, since both cut the row numbers with `batching.Layout` in
+`batching.epoch_order`. So a streaming fit and an in-memory fit are the same computation and can be checked against
+each other to rounding, and an in-memory run resumed from a streaming one (or back) continues the same sequence.
 Grain runs the reading and decoding (uint8 -> float32 / 255), in worker processes when asked, ahead of use.
 
 A shard folder holds `metadata.json` (fields with their shapes and dtypes, the example count, each shard's file
@@ -306,44 +305,21 @@ class TfdsReader:
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    """What a batch iterator reads: every epoch's batches of row numbers, laid out by `data.iterate_batches`."""
+    """What a batch iterator reads: every epoch's rows, cut by `batching.Layout` in `batching.epoch_order`."""
 
-    num_rows: int
-    batch_size: int
+    layout: batching.Layout
     seed: int
     shuffle: bool
-    pad_multiple: int
-    process_index: int
-    process_count: int
 
-    @property
-    def steps(self) -> int:
-        return batching.num_batches(self.num_rows, self.batch_size)
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "num_examples": self.num_rows,
-            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "num_rows"},
-        }
+    def step_rows(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """The row numbers and mask of one step of one epoch."""
+        return self.layout.step_rows(_epoch_order(self, epoch), step)
 
 
 @functools.lru_cache(maxsize=2)
 def _epoch_order(plan: _Plan, epoch: int) -> np.ndarray:
-    """Epoch `epoch`'s order of the row numbers, as `training.fit` shuffles arrays: n int64s, never the data."""
-    rng = np.random.default_rng([plan.seed, epoch]) if plan.shuffle else None
-    return batching.epoch_order(plan.num_rows, rng)
-
-
-def _step_rows(plan: _Plan, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """The row numbers and mask of one step: `data.iterate_batches`'s layout of that step."""
-    return batching.step_rows(
-        _epoch_order(plan, epoch),
-        step,
-        plan.batch_size,
-        pad_multiple=plan.pad_multiple,
-        process_index=plan.process_index,
-        process_count=plan.process_count,
-    )
+    """Epoch `epoch`'s order of the row numbers (n int64s, never the data), kept while its steps are read."""
+    return batching.epoch_order(plan.layout.num_examples, seed=plan.seed, epoch=epoch, shuffle=plan.shuffle)
 
 
 def _to_batch(examples: dict[str, np.ndarray]) -> batching.Batch:
@@ -362,8 +338,8 @@ class _LoadBatch:
     plan: _Plan
 
     def __call__(self, position: int) -> batching.Batch:
-        epoch, step = divmod(position, self.plan.steps)
-        rows, mask = _step_rows(self.plan, epoch, step)
+        epoch, step = divmod(position, self.plan.layout.steps)
+        rows, mask = self.plan.step_rows(epoch, step)
         batch = _to_batch(self.records.read(rows + self.first_row))
         return {"x": batch["x"], "mask": mask, "y": batch["y"]}
 
@@ -392,15 +368,14 @@ def _check_count(name: str, value: Any, minimum: int) -> int:
 
 
 class BatchIterator(Iterator[batching.Batch]):
-    """One process's batches of one or more epochs, with a position that can be saved and restored.
+    """One process's batches of one or more epochs, from a grain pipeline started at the first one asked for.
 
-    `get_state()` is a small JSON-able dict: the epoch and step of the next batch, and the seed and batch
-    layout they belong to. Every batch is a pure function of (seed, epoch, step, layout), so the position is
-    the whole state: grain's own iterator state is not kept, the pipeline is rebuilt at the position instead.
+    Every batch is a pure function of (seed, epoch, step, layout), so the pipeline starts at any position
+    without reading the batches before it.
     """
 
-    def __init__(self, dataset: "StreamingDataset", plan: _Plan, position: int, stop: int):
-        self._dataset, self._plan, self._position, self._stop = dataset, plan, position, stop
+    def __init__(self, pipeline: grain.IterDataset, position: int, stop: int):
+        self._pipeline, self._position, self._stop = pipeline, position, stop
         self._iterator: Any = None
 
     def __iter__(self) -> "BatchIterator":
@@ -411,7 +386,7 @@ class BatchIterator(Iterator[batching.Batch]):
             self.close()
             raise StopIteration
         if self._iterator is None:
-            self._iterator = iter(self._dataset._pipeline(self._plan, self._position, self._stop))
+            self._iterator = iter(self._pipeline)
         batch = _owned(next(self._iterator))
         self._position += 1
         return batch
@@ -419,28 +394,6 @@ class BatchIterator(Iterator[batching.Batch]):
     def __len__(self) -> int:
         """Batches left."""
         return self._stop - self._position
-
-    def get_state(self) -> dict[str, Any]:
-        """Where the next batch comes from: {'epoch', 'step', 'seed', ...the batch layout}, all JSON-able."""
-        epoch, step = divmod(self._position, self._plan.steps)
-        return {"epoch": epoch, "step": step, **self._plan.state()}
-
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        """Continue from a `get_state()` of an iterator with the same seed and layout, at its epoch and step."""
-        expected = self._plan.state()
-        for key, value in expected.items():
-            if key not in state or state[key] != value:
-                raise ValueError(f"state: {key} is {state.get(key)!r}, but this iterator's is {value!r}")
-        epoch = _check_count("state['epoch']", state.get("epoch"), 0)
-        step = _check_count("state['step']", state.get("step"), 0)
-        position = epoch * self._plan.steps + step
-        if step > self._plan.steps or position > self._stop:
-            raise ValueError(
-                f"state: epoch {epoch} step {step} lies past this iterator's last batch "
-                f"(epoch {(self._stop - 1) // self._plan.steps}, step {(self._stop - 1) % self._plan.steps})"
-            )
-        self.close()
-        self._position = position
 
     def close(self) -> None:
         """Stop grain's prefetching (and its worker processes, if any)."""
@@ -518,18 +471,6 @@ class StreamingDataset:
         """The label names, when the source records them."""
         return self.records.class_names
 
-    @property
-    def element_spec(self) -> dict[str, Any]:
-        """One row of a batch without its mask: {'x': Field (or a dict of them, with extras), 'y': Field}."""
-        fields = self.records.fields
-        x = Field(fields[IMAGE].shape, np.dtype(np.float32))
-        extras = {name: field for name, field in fields.items() if name not in (IMAGE, LABEL)}
-        return {"x": {"x": x, **extras} if extras else x, "y": Field((), np.dtype(np.int32))}
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        """Batches in one epoch, the last one partial (and padded) when `batch_size` does not divide the count."""
-        return batching.num_batches(self.num_examples, _check_count("batch_size", batch_size, 1))
-
     def take(self, indices: Sequence[int] | np.ndarray) -> batching.Batch:
         """Rows `indices` of this view in memory, decoded as in a batch ({'x', 'y'}, no mask): e.g. a model's sample."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
@@ -574,28 +515,26 @@ class StreamingDataset:
     ) -> BatchIterator:
         """Epoch `epoch`'s batches (and the next ones', up to `num_epochs`), from step `start_step` on.
 
-        The same dicts, in the same order, as `data.iterate_batches(x, y, batch_size, rng=rng, ...)` over this
-        data in memory, with `rng = np.random.default_rng([seed, epoch])` when `shuffle`, else None; each process
+        The same dicts, in the same order, as `data.iterate_batches(x, y, batch_size, seed=, epoch=, shuffle=,
+        ...)` over this data in memory; the batches before `start_step` are never read; each process
         reads only its own share of every global batch. Several epochs in one iterator keep its worker
         processes alive between them.
         """
         seed = _check_count("seed", seed, 0)
         epoch = _check_count("epoch", epoch, 0)
         num_epochs = _check_count("num_epochs", num_epochs, 1)
-        plan = _Plan(
+        layout = batching.Layout(
             self.num_examples,
             _check_count("batch_size", batch_size, 1),
-            seed,
-            bool(shuffle),
             _check_count("pad_multiple", pad_multiple, 1),
             _check_count("process_index", process_index, 0),
             _check_count("process_count", process_count, 1),
         )
-        _step_rows(plan, epoch, 0)  # checks the layout as iterate_batches does, with its errors
         start_step = _check_count("start_step", start_step, 0)
-        if start_step > plan.steps:
-            raise ValueError(f"start_step must be at most the {plan.steps} steps of an epoch, got {start_step}")
-        return BatchIterator(self, plan, epoch * plan.steps + start_step, (epoch + num_epochs) * plan.steps)
+        if start_step > layout.steps:
+            raise ValueError(f"start_step must be at most the {layout.steps} steps of an epoch, got {start_step}")
+        start, stop = epoch * layout.steps + start_step, (epoch + num_epochs) * layout.steps
+        return BatchIterator(self._pipeline(_Plan(layout, seed, bool(shuffle)), start, stop), start, stop)
 
     def _pipeline(self, plan: _Plan, start: int, stop: int) -> grain.IterDataset:
         """Grain's pipeline of the batches at positions [start, stop) (epoch * steps + step) of `plan`."""

@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from flaxlesson import steps
+from flaxlesson import core
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +135,7 @@ def summary(model: nn.Module, sample_input: Any, *, seed: int = 0) -> Summary:
         return model.init(jax.random.key(seed), inputs, **kwargs)
 
     with nn.intercept_methods(interceptor):
-        variables = jax.eval_shape(lambda: steps.apply_inputs(init, sample_input))
+        variables = jax.eval_shape(lambda: core.apply_inputs(init, sample_input))
     params = dict(variables.get("params", {}))
     owner = {name: layer["inside"] or name for name, layer in layers.items()}
     rows = []

@@ -1,16 +1,18 @@
-"""Keras's training front end: `fit`, `evaluate` and `predict` over the pure steps of `steps`.
+"""Keras's training front end: `fit`, `evaluate` and `predict` over the pure steps of `core`.
 
-A fit composes three parts: a batch source (`sources`: host arrays, or arrays resident on the device(s) where only
-each epoch's index order travels), an executor (K steps per compiled call through `lax.scan`, Keras's
-`steps_per_execution`), and callbacks (`callbacks`) at epoch ends and after every call. Every combination gives
-the update of the plain one-step loop over the same global batches. SIGINT and SIGTERM stop a fit cleanly after
-the call in flight: it returns its state and the epochs that finished, and `History.interrupted` names the signal. In a
+At one step a call, `fit` is the plain JAX loop: for each epoch, for each shuffled batch, `state, totals =
+train_step(state, totals, key, data, batch)`, the jitted step of `core.make_train_step`. Around that loop sit the
+conveniences: a batch source (`sources`: host arrays, arrays resident on the device(s), a stream), an executor
+(`execution`: K steps per compiled call through `lax.scan`, Keras's `steps_per_execution`, with the same update),
+callbacks (`callbacks`) at epoch ends and after every call, and a clean stop on SIGINT or SIGTERM after the call in
+flight: the fit returns its state and the epochs that finished, and `History.interrupted` names the signal. In a
 run of several processes every process must stop after the same call, so SIGTERM is left to JAX's preemption
 service (installed by `jax.distributed.initialize`), which passes the notice to every process and agrees on the
 call to stop after (`multihost_utils.reached_preemption_sync_point`, asked once per call).
 """
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import signal
@@ -25,9 +27,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from flaxlesson import batching, checks, parallel, sources, steps
+from flaxlesson import batching, checks, core, parallel, sources
 from flaxlesson.callbacks import Callback, History, LambdaCallback, ProgressBar
-from flaxlesson.steps import (
+from flaxlesson.core import (
     Loss,
     TrainState,
     create_train_state,
@@ -38,6 +40,7 @@ from flaxlesson.steps import (
     make_train_step,
     zero_totals,
 )
+from flaxlesson.execution import Executor, StepsPerExecution
 
 __all__ = [
     "Callback",
@@ -57,22 +60,12 @@ __all__ = [
     "zero_totals",
 ]
 
-StepsPerExecution = int | str
-
-
-def _check_model_inputs(state: TrainState, x: Any) -> None:
-    """Run the model's own `check_inputs(x, **kwargs)` on the whole input when it defines one.
-
-    Values such as sequence lengths can only be checked on the host: inside the jitted step they are tracers.
-    """
-    check = getattr(getattr(state.apply_fn, "__self__", None), "check_inputs", None)
-    if check is not None:
-        steps.apply_inputs(check, x)
-
 
 def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
-    """Clear errors for inputs the model or the loss cannot take."""
-    _check_model_inputs(state, x)
+    """Clear errors for inputs the model or the loss cannot take, before anything compiles."""
+    check = getattr(state.model, "check_inputs", None)  # values a traced step cannot check, e.g. sequence lengths
+    if check is not None:
+        core.apply_inputs(check, x)
     leaves = list(x.values()) if isinstance(x, dict) else [x]
     for leaf in leaves:
         leaf = np.asarray(leaf)
@@ -83,7 +76,7 @@ def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
         raise ValueError("x: no samples")
     sample = jax.tree.map(lambda a: np.asarray(a)[:1], x)
     try:
-        out = jax.eval_shape(lambda: steps.forward(state, state.params, sample))
+        out = jax.eval_shape(lambda: core.forward(state, state.params, sample))
     except flax.errors.ScopeParamShapeError as e:
         shape = np.shape(x["x"] if isinstance(x, dict) else x)[1:]
         raise ValueError(
@@ -97,31 +90,21 @@ def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
         raise ValueError(f"x and y must have the same number of samples, got {n} and {len(y)}")
     if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y)):
         raise ValueError("y: labels must be finite, found NaN or infinity")
-    steps.get_loss(state.loss).check_labels(y, math.prod(out.shape[1:]))
+    core.get_loss(state.loss).check_labels(y, math.prod(out.shape[1:]))
 
 
-def _check_data(state: TrainState, x: Any, y: Any | None) -> None:
-    """`_check_xy` for arrays; for a streaming dataset (which holds its labels), its first row."""
-    if not isinstance(x, sources.Streamable):
-        _check_xy(state, x, y)
-        return
-    if y is not None:
-        raise ValueError("y: a streaming dataset carries its own labels; pass y=None")
-    if x.num_examples == 0:
+def _checked(state: TrainState, source: sources.Source) -> sources.Source:
+    if source.num_examples == 0:
         raise ValueError("x: no samples")
-    sample = x.take(np.arange(1))
-    _check_xy(state, sample["x"], sample["y"])
+    _check_xy(state, *source.rows_to_check())
+    return source
 
 
-def _pair(data: Any) -> tuple[Any, Any]:
-    """Validation data as (x, y): a streaming dataset stands for both."""
-    return (data, None) if isinstance(data, sources.Streamable) else tuple(data)
-
-
-def _means(sums: Mapping[str, Any]) -> dict[str, float]:
-    """Mean loss and accuracy over the real samples of running totals."""
-    count = max(float(sums["count"]), 1.0)
-    return {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count}
+def _layout(source: sources.Source, batch_size: int, strategy: parallel.Strategy) -> batching.Layout:
+    """The batch layout of `source` for this strategy: padded to its device count, this process's share."""
+    return batching.Layout(
+        source.num_examples, batch_size, strategy.num_replicas, strategy.process_index, strategy.process_count
+    )
 
 
 class _RunningLogs(Mapping):
@@ -132,7 +115,7 @@ class _RunningLogs(Mapping):
 
     def _read(self) -> dict[str, float]:
         if self._logs is None:
-            self._logs = _means(jax.device_get(self._strategy.unreplicate(self._totals)))
+            self._logs = core.means(jax.device_get(self._strategy.unreplicate(self._totals)))
         return self._logs
 
     def __getitem__(self, key: str) -> float:
@@ -145,52 +128,7 @@ class _RunningLogs(Mapping):
         return len(self._read())
 
 
-class _Executor:
-    """Compiled calls of K steps for one strategy: the placed `count` of real steps of each call, and zero totals.
-
-    K is `steps_per_execution` for an epoch of `steps` steps. The counts and zeros are placed once and reused (the
-    calls do not donate them), so an epoch run as one call moves nothing to the device but its inputs.
-    """
-
-    def __init__(self, strategy: parallel.Strategy, steps_per_execution: StepsPerExecution, steps: int):
-        self.strategy, self._counts = strategy, {}
-        self.k = sources.steps_per_call(steps_per_execution, steps)
-        self.zeros = strategy.replicate(zero_totals())
-
-    def count(self, n: int) -> Any:
-        if n not in self._counts:
-            self._counts[n] = self.strategy.replicate(np.int32(n))
-        return self._counts[n]
-
-    def calls(self, inputs: Iterator[batching.Batch]) -> Iterator[tuple[Any, Any, int]]:
-        """(placed inputs, placed count, real steps) of each call over `inputs`."""
-        for stacked, n in sources.calls(inputs, self.k):
-            yield self.strategy.shard_steps(stacked), self.count(n), n
-
-
-def _source(
-    x: Any, y: np.ndarray | None, strategy: parallel.Strategy, data_on_device: bool | None, epochs: int = 1
-) -> sources.ArraySource | sources.StreamSource:
-    """The batch source for (x, y): a stream read for `epochs` epochs, arrays resident when asked or when they fit."""
-    if isinstance(x, sources.Streamable):
-        if data_on_device:
-            raise ValueError("data_on_device: a streaming dataset is read from the host as it trains")
-        return sources.StreamSource(x, strategy, epochs=epochs)
-    resident = sources.fits_on_device(x, y, strategy) if data_on_device is None else bool(data_on_device)
-    return sources.ArraySource(x, y, strategy, resident=resident)
-
-
-def _run_totals(
-    executor: _Executor, call: Callable, state: Any, source: sources.ArraySource | sources.StreamSource, batch_size: int
-) -> dict[str, float]:
-    """Run a compiled totals-accumulating call over one pass of `source`; mean loss and accuracy."""
-    totals = executor.zeros
-    for inputs, count, _ in executor.calls(source.epoch_inputs(batch_size)):
-        totals = call(state, totals, source.data, inputs, count)
-    return _means(jax.device_get(executor.strategy.unreplicate(totals)))
-
-
-def _agreed_stops(strategy: parallel.Strategy) -> bool:
+def _preemption_service_on(strategy: parallel.Strategy) -> bool:
     """Whether SIGTERM is left to JAX's preemption service: a strategy over several processes, with the service on."""
     if strategy.process_count == 1:
         return False
@@ -235,6 +173,66 @@ def _as_callbacks(callbacks: Sequence[Callback]) -> list[Callback]:
     return list(callbacks)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What every epoch of one fit shares: where it runs, what it reads, its compiled calls and its stop signals."""
+
+    strategy: parallel.Strategy
+    source: sources.Source
+    layout: batching.Layout
+    steps_in_epoch: int
+    executor: Executor
+    train_call: Callable
+    key: jax.Array
+    callbacks: list[Callback]
+    stop: dict[str, str]
+    preemption_service: bool = False
+    verbose: int = 0
+    validation: tuple[sources.Source, batching.Layout, Executor, Callable] | None = None
+    executions: int = 0
+
+    def stopping(self) -> bool:
+        return bool(self.stop) or any(callback.stop_training for callback in self.callbacks)
+
+    def stopped_by(self) -> str | None:
+        return next((type(c).__name__ for c in self.callbacks if c.stop_training), None)
+
+    def replace(self, state: Any, new: Any) -> Any:
+        """The state a hook returned, placed for the strategy; the fit's own when it returned None."""
+        return state if new is None else self.strategy.replicate(new)
+
+    def validate(self, state: Any) -> dict[str, float]:
+        if self.validation is None:
+            return {}
+        source, layout, executor, call = self.validation
+        return {f"val_{name}": value for name, value in executor.totals(call, state, source, layout).items()}
+
+
+def _train_epoch(run: _Run, state: Any, epoch: int, seed: int, shuffle: bool, skip: int) -> tuple:
+    """Train one epoch from step `skip`: (state, its mean loss and accuracy, steps done, training seconds)."""
+    progress = ProgressBar(run.steps_in_epoch, enabled=run.verbose == 1)
+    start = time.perf_counter()
+    totals, done = run.executor.zeros, skip
+    step_inputs = run.source.epoch_inputs(run.layout, seed=seed, epoch=epoch, shuffle=shuffle, start_step=skip)
+    for inputs, real in run.executor.inputs(itertools.islice(step_inputs, run.steps_in_epoch - skip)):
+        state, totals = run.train_call(state, totals, run.key, run.source.data, *inputs)
+        done += real
+        progress.update(done)
+        for callback in run.callbacks:
+            logs = callback.on_train_batch_end(
+                epoch, done, _RunningLogs(totals, run.strategy), run.strategy.unreplicate(state)
+            )
+            state = run.replace(state, logs)
+        run.executions += 1
+        if run.preemption_service and multihost_utils.reached_preemption_sync_point(run.executions):
+            run.stop["signal"] = "SIGTERM"
+        if run.stopping():
+            break
+    means = core.means(jax.device_get(run.strategy.unreplicate(totals)))
+    progress.close()
+    return state, means, done, time.perf_counter() - start
+
+
 def fit(
     state: TrainState,
     x: Any,
@@ -266,9 +264,9 @@ def fit(
     `strategy` ('single', 'sharded', 'pmap' or a `parallel` strategy object) says where the steps run; each gives
     the same update for the same global batch. `initial_epoch`, as in Keras, resumes a run: epochs
     `initial_epoch` .. `epochs - 1` are trained, each shuffled as it would have been in the uninterrupted run.
-    `initial_step` resumes inside epoch `initial_epoch`: its order is drawn again from (`seed`, epoch) and its
-    first `initial_step` steps are skipped, so with the state saved there the run ends as the uninterrupted one
-    does; that epoch's History entry (loss, accuracy, samples/s) then covers only the steps this fit ran.
+    `initial_step` resumes inside epoch `initial_epoch`: its order is drawn again from (`seed`, epoch) and it
+    starts at step `initial_step` (the steps before it are not read), so with the state saved there the run ends as
+    the uninterrupted one does; that epoch's History entry (loss, accuracy, samples/s) covers only the steps run.
     `steps_per_execution` (an int, or 'epoch') runs that many steps per compiled call, with the same update.
     `data_on_device` keeps x and y on the device(s), moving only each epoch's index order; None decides by size
     (`sources.RESIDENT_SHARE` of one device's memory). `steps_per_epoch` (Keras's) cuts each epoch to its first
@@ -280,126 +278,95 @@ def fit(
     checks.positive_int("batch_size", batch_size)
     initial_epoch = checks.integer("initial_epoch", initial_epoch, low=0, high=epochs)
     initial_step = checks.non_negative_int("initial_step", initial_step)
-    _check_data(state, x, y)
+    given = _checked(state, sources.from_data(x, y))
     callbacks = _as_callbacks(callbacks)
-    if isinstance(x, sources.Streamable):
-        x, split = x.split(checks.fraction("validation_split", validation_split))
-    else:
-        y = np.asarray(y)
-        (x, y), split = batching.train_validation_split(x, y, validation_split)
-    if validation_split:
-        validation_data = split
-    if validation_data is not None:
-        validation_data = _pair(validation_data)
-        _check_data(state, *validation_data)
+    train, held_out = given.split(checks.fraction("validation_split", validation_split))
+    if validation_data is not None and held_out is None:
+        held_out = _checked(state, sources.from_validation_data(validation_data))
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose
     strategy = parallel.get_strategy(strategy)
-    source = _source(x, y, strategy, data_on_device, epochs - initial_epoch)
-    total_steps = batching.num_batches(source.num_examples, batch_size)
-    if steps_per_epoch is not None:
-        total_steps = min(total_steps, steps_per_epoch)
-    n = min(source.num_examples, total_steps * batch_size)
-    if initial_step and not (initial_epoch < epochs and initial_step < total_steps):
+    train = train.placed(strategy, data_on_device, epochs - initial_epoch)
+    layout = _layout(train, batch_size, strategy)
+    steps_in_epoch = layout.steps if steps_per_epoch is None else min(layout.steps, steps_per_epoch)
+    n = min(train.num_examples, steps_in_epoch * batch_size)
+    if initial_step and not (initial_epoch < epochs and initial_step < steps_in_epoch):
         raise ValueError(
-            f"initial_step must be below the {total_steps} steps of an epoch, and 0 when no epoch is left to "
+            f"initial_step must be below the {steps_in_epoch} steps of an epoch, and 0 when no epoch is left to "
             f"train (initial_epoch={initial_epoch}, epochs={epochs}), got {initial_step}"
         )
-    executor = _Executor(strategy, steps_per_execution, total_steps)
-    agreed = _agreed_stops(strategy)
-    calls = 0
-    signals = (signal.SIGINT,) if agreed else (signal.SIGINT, signal.SIGTERM)
+    executor = Executor(strategy, steps_per_execution, steps_in_epoch)
+    preemption_service = _preemption_service_on(strategy)
+    signals = (signal.SIGINT,) if preemption_service else (signal.SIGINT, signal.SIGTERM)
     # From here a signal is recorded, not raised: one that comes while compiling stops the fit after its first call.
-    with _stop_requests(signals) as stop, contextlib.closing(source):
-        train_call = strategy.compile(
-            steps.scan_train_step(make_train_step(state.loss, axis_name=strategy.axis_name, augment=augment)),
-            donate_argnums=(0,),
-        )
+    with _stop_requests(signals) as stop, contextlib.closing(train):
+        train_call = executor.train_call(make_train_step(state.loss, axis_name=strategy.axis_name, augment=augment))
         state = strategy.replicate(state)
         key = strategy.replicate(jax.random.key(seed))
-        first, count, _ = next(executor.calls(iter([source.example_input(batch_size)])))
+        first, _ = next(executor.inputs(iter([train.example_input(layout)])))
         start = time.perf_counter()
-        train_call = train_call.lower(state, executor.zeros, key, source.data, first, count).compile()
+        train_call = train_call.lower(state, executor.zeros, key, train.data, *first).compile()
         history = History(compile_seconds=time.perf_counter() - start)
-        val_source = val_call = None
-        if validation_data is not None:
-            val_source = _source(*validation_data, strategy, data_on_device)
-            val_call = strategy.compile(steps.scan_eval_step(make_eval_step(state.loss, axis_name=strategy.axis_name)))
-            val_executor = _Executor(
-                strategy, steps_per_execution, batching.num_batches(val_source.num_examples, batch_size)
-            )
-
-        logs: dict[str, float] = {}
+        run = _Run(strategy, train, layout, steps_in_epoch, executor, train_call, key, callbacks, stop)
+        run.preemption_service, run.verbose = preemption_service, verbose
+        if held_out is not None:
+            held_out = held_out.placed(strategy, data_on_device)
+            val_layout = _layout(held_out, batch_size, strategy)
+            val_executor = Executor(strategy, steps_per_execution, val_layout.steps)
+            val_call = val_executor.eval_call(make_eval_step(state.loss, axis_name=strategy.axis_name))
+            run.validation = (held_out, val_layout, val_executor, val_call)
+        # What a checkpoint's data position depends on: the data, how it is split and batched, and by how many.
+        data_layout = {
+            "num_examples": given.num_examples,
+            "batch_size": batch_size,
+            "validation_split": float(validation_split),
+            "shuffle": bool(shuffle),
+            "seed": seed,
+            "steps_per_epoch": steps_in_epoch,
+            "process_count": strategy.process_count,
+            "data": sources.fingerprint(train),
+        }
+        params = {"epochs": epochs, "steps": steps_in_epoch, "samples": n, "verbose": verbose, "layout": data_layout}
         for callback in callbacks:
-            callback.set_params({"epochs": epochs, "steps": total_steps, "samples": n, "verbose": verbose})
+            callback.set_params(params)
         for callback in callbacks:
             callback.on_train_begin(strategy.unreplicate(state))
-        for epoch in range(initial_epoch, epochs):
-            for callback in callbacks:
-                callback.on_epoch_begin(epoch, strategy.unreplicate(state))
-            progress = ProgressBar(total_steps, enabled=verbose == 1)
-            start = time.perf_counter()
-            skip = initial_step if epoch == initial_epoch else 0
-            totals, done = executor.zeros, skip
-            epoch_inputs = source.epoch_inputs(batch_size, seed=seed, epoch=epoch, shuffle=shuffle)
-            for inputs, count, real in executor.calls(itertools.islice(epoch_inputs, skip, total_steps)):
-                state, totals = train_call(state, totals, key, source.data, inputs, count)
-                done += real
-                progress.update(done)
-                state = _batch_end(callbacks, epoch, done, _RunningLogs(totals, strategy), state, strategy)
-                calls += 1
-                if agreed and multihost_utils.reached_preemption_sync_point(calls):
-                    stop["signal"] = "SIGTERM"
-                if stop or _stopping(callbacks):
-                    break
-            sums = jax.device_get(strategy.unreplicate(totals))
-            train_seconds = time.perf_counter() - start
-            samples = n - skip * batch_size  # the skipped steps are whole batches
-            progress.close()
-            if done < total_steps:
-                history.interrupted, history.stopped_by = stop.get("signal"), _stopper(callbacks)
-                break
-            logs = _means(sums)
-            if val_source is not None:
-                val = _run_totals(val_executor, val_call, state, val_source, batch_size)
-                logs |= {f"val_{name}": value for name, value in val.items()}
-            if verbose:
-                metrics = " - ".join(f"{name}: {value:.4f}" for name, value in logs.items())
-                print(
-                    f"Epoch {epoch + 1}/{epochs} - {time.perf_counter() - start:.2f}s - "
-                    f"{samples / train_seconds:,.0f} samples/s - {metrics}",
-                    flush=True,
-                )
-            for callback in callbacks:
-                state = _replace(state, callback.on_epoch_end(epoch, logs, strategy.unreplicate(state)), strategy)
-            history.append(epoch, logs, time.perf_counter() - start, samples / train_seconds)
-            if stop or _stopping(callbacks):
-                if epoch + 1 < epochs:
-                    history.interrupted, history.stopped_by = stop.get("signal"), _stopper(callbacks)
-                break
-        for callback in callbacks:
-            state = _replace(state, callback.on_train_end(logs, strategy.unreplicate(state)), strategy)
+        state, history = _epochs(run, state, history, range(initial_epoch, epochs), initial_step, seed, shuffle, n)
     return strategy.unreplicate(state), history
 
 
-def _replace(state: Any, new: Any, strategy: parallel.Strategy) -> Any:
-    """The state a hook returned, placed for the strategy; the fit's own when it returned None."""
-    return state if new is None else strategy.replicate(new)
-
-
-def _batch_end(
-    callbacks: list[Callback], epoch: int, done: int, logs: Mapping, state: Any, strategy: parallel.Strategy
-) -> Any:
-    for callback in callbacks:
-        state = _replace(state, callback.on_train_batch_end(epoch, done, logs, strategy.unreplicate(state)), strategy)
-    return state
-
-
-def _stopping(callbacks: list[Callback]) -> bool:
-    return any(callback.stop_training for callback in callbacks)
-
-
-def _stopper(callbacks: list[Callback]) -> str | None:
-    return next((type(c).__name__ for c in callbacks if c.stop_training), None)
+def _epochs(
+    run: _Run, state: Any, history: History, epochs: range, initial_step: int, seed: int, shuffle: bool, n: int
+) -> tuple[Any, History]:
+    """The epoch loop of `fit`: train, validate, report and call back each epoch until the last or a stop."""
+    logs: dict[str, float] = {}
+    for epoch in epochs:
+        for callback in run.callbacks:
+            callback.on_epoch_begin(epoch, run.strategy.unreplicate(state))
+        skip = initial_step if epoch == epochs.start else 0
+        start = time.perf_counter()
+        state, logs, done, train_seconds = _train_epoch(run, state, epoch, seed, shuffle, skip)
+        samples = n - skip * run.layout.batch_size  # the skipped steps are whole batches
+        if done < run.steps_in_epoch:
+            history.interrupted, history.stopped_by = run.stop.get("signal"), run.stopped_by()
+            break
+        logs |= run.validate(state)
+        if run.verbose:
+            metrics = " - ".join(f"{name}: {value:.4f}" for name, value in logs.items())
+            print(
+                f"Epoch {epoch + 1}/{epochs.stop} - {time.perf_counter() - start:.2f}s - "
+                f"{samples / train_seconds:,.0f} samples/s - {metrics}",
+                flush=True,
+            )
+        for callback in run.callbacks:
+            state = run.replace(state, callback.on_epoch_end(epoch, logs, run.strategy.unreplicate(state)))
+        history.append(epoch, logs, time.perf_counter() - start, samples / train_seconds)
+        if run.stopping():
+            if epoch + 1 < epochs.stop:
+                history.interrupted, history.stopped_by = run.stop.get("signal"), run.stopped_by()
+            break
+    for callback in run.callbacks:
+        state = run.replace(state, callback.on_train_end(logs, run.strategy.unreplicate(state)))
+    return state, history
 
 
 def evaluate(
@@ -414,14 +381,16 @@ def evaluate(
 ) -> dict[str, float]:
     """Keras's `model.evaluate`: mean loss and accuracy over (x, y), or over a streaming dataset."""
     checks.positive_int("batch_size", batch_size)
-    _check_data(state, x, y)
-    if y is None and not isinstance(x, sources.Streamable):
+    source = _checked(state, sources.from_data(x, y))
+    if not source.has_labels:
         raise ValueError("y: evaluate needs the labels of x")
     strategy = parallel.get_strategy(strategy)
-    source = _source(x, None if y is None else np.asarray(y), strategy, data_on_device)
-    executor = _Executor(strategy, steps_per_execution, batching.num_batches(source.num_examples, batch_size))
-    call = strategy.compile(steps.scan_eval_step(make_eval_step(state.loss, axis_name=strategy.axis_name)))
-    return _run_totals(executor, call, strategy.replicate(state), source, batch_size)
+    source = source.placed(strategy, data_on_device)
+    layout = _layout(source, batch_size, strategy)
+    executor = Executor(strategy, steps_per_execution, layout.steps)
+    call = executor.eval_call(make_eval_step(state.loss, axis_name=strategy.axis_name))
+    with contextlib.closing(source):
+        return executor.totals(call, strategy.replicate(state), source, layout)
 
 
 def predict(
@@ -435,14 +404,16 @@ def predict(
 ) -> np.ndarray:
     """Keras's `model.predict`: output probabilities (softmax or sigmoid), one row per sample."""
     checks.positive_int("batch_size", batch_size)
-    _check_data(state, x, None)
+    source = _checked(state, sources.from_data(x))
     strategy = parallel.get_strategy(strategy)
-    source = _source(x, None, strategy, data_on_device)
-    executor = _Executor(strategy, steps_per_execution, batching.num_batches(source.num_examples, batch_size))
-    call = strategy.compile(steps.scan_predict_step(make_predict_step(state.loss)))
+    source = source.placed(strategy, data_on_device)
+    layout = _layout(source, batch_size, strategy)
+    executor = Executor(strategy, steps_per_execution, layout.steps)
+    call = executor.predict_call(make_predict_step(state.loss))
     state = strategy.replicate(state)
     rows = []
-    for inputs, count, _ in executor.calls(source.epoch_inputs(batch_size)):
-        outputs = strategy.gather_rows(call(state, source.data, inputs, count))
-        rows.append(outputs[strategy.gather_rows(inputs["mask"]) > 0])
+    with contextlib.closing(source):
+        for inputs, _ in executor.inputs(source.epoch_inputs(layout)):
+            outputs = executor.gather_rows(call(state, source.data, *inputs))
+            rows.append(outputs[executor.gather_rows(inputs[0]["mask"]) > 0])
     return np.concatenate(rows)

@@ -11,7 +11,7 @@ import optax
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from flaxlesson import callbacks, models, steps, training
+from flaxlesson import callbacks, core, models, training
 from flaxlesson.callbacks import (
     CSVLogger,
     EarlyStopping,
@@ -35,7 +35,7 @@ def _toy(n=40, seed=0):
 
 def _state(learning_rate=1e-3):
     return training.create_train_state(
-        models.MLP(num_classes=3), np.zeros((1, 4), np.float32), optimizer=steps.keras_adam(learning_rate)
+        models.MLP(num_classes=3), np.zeros((1, 4), np.float32), optimizer=core.keras_adam(learning_rate)
     )
 
 
@@ -230,7 +230,7 @@ def test_monitor_mode_resolves_as_keras_3():
 def _rates(callback, values, learning_rate=1e-3):
     """The learning rate logged at each epoch end, and the one the state has at the end."""
     _, state, logged = _drive(callback, values, state=_initial_state(learning_rate))
-    return [logs["learning_rate"] for logs in logged], steps.learning_rate(state)
+    return [logs["learning_rate"] for logs in logged], core.learning_rate(state)
 
 
 def test_reduce_lr_waits_patience_epochs_then_multiplies_by_factor():
@@ -266,7 +266,7 @@ def test_reduce_lr_in_a_fit_records_the_rate_per_epoch_and_trains_with_the_new_o
     reduce = ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=10.0)
     state, history = training.fit(_state(), x, y, epochs=3, batch_size=8, verbose=0, callbacks=[reduce])
     np.testing.assert_allclose(history.history["learning_rate"], [1e-3, 1e-3, 5e-4], rtol=1e-6)
-    np.testing.assert_allclose(steps.learning_rate(state), 2.5e-4, rtol=1e-6)
+    np.testing.assert_allclose(core.learning_rate(state), 2.5e-4, rtol=1e-6)
 
 
 def test_reduce_lr_refuses_an_optimiser_without_an_injected_rate():

@@ -49,10 +49,8 @@ def test_batches_pad_to_a_multiple_of_devices():
 
 
 def test_shuffled_batches_cover_every_sample_once():
-    rng = np.random.default_rng(0)
-    ys = np.concatenate(
-        [b["y"][b["mask"] > 0] for b in data.iterate_batches(np.zeros((11, 1)), np.arange(11), 4, rng=rng)]
-    )
+    batches = data.iterate_batches(np.zeros((11, 1)), np.arange(11), 4, seed=0, shuffle=True)
+    ys = np.concatenate([b["y"][b["mask"] > 0] for b in batches])
     assert sorted(ys.tolist()) == list(range(11))
     assert ys.tolist() != list(range(11))
 
@@ -63,14 +61,33 @@ def test_batches_of_dict_inputs_slice_every_array():
     np.testing.assert_array_equal(batch["x"]["seq_lengths"], [1, 2])
 
 
-def test_step_rows_gives_any_step_of_batch_indices_on_its_own():
-    layout = {"pad_multiple": 3, "process_index": 1, "process_count": 3}
-    order = batching.epoch_order(10, np.random.default_rng(0))
-    expected = list(batching.batch_indices(10, 4, rng=np.random.default_rng(0), **layout))
-    for step in (2, 0, 1):
-        rows, mask = batching.step_rows(order, step, 4, **layout)
-        np.testing.assert_array_equal(rows, expected[step][0])
-        np.testing.assert_array_equal(mask, expected[step][1])
+def test_the_epoch_order_is_default_rng_of_seed_and_epoch():
+    np.testing.assert_array_equal(
+        batching.epoch_order(10, seed=3, epoch=2), np.random.default_rng([3, 2]).permutation(10)
+    )
+    np.testing.assert_array_equal(batching.epoch_order(4, seed=3, epoch=2, shuffle=False), [0, 1, 2, 3])
+
+
+def test_a_layout_step_is_its_slice_of_the_order_padded_and_shared():
+    # 10 rows, batches of 4 padded to 6 (a multiple of 3 devices), process 1 of 3 reads rows 2..3 of each batch.
+    layout = batching.Layout(10, 4, pad_multiple=3, process_index=1, process_count=3)
+    order = np.array([9, 8, 7, 6, 5, 4, 3, 2, 1, 0])
+    rows, mask = layout.step_rows(order, 1)
+    np.testing.assert_array_equal(rows, [3, 2])
+    np.testing.assert_array_equal(mask, [1, 1])
+    rows, mask = layout.step_rows(order, 2)  # the last batch: rows 1, 0, then copies of its first row
+    np.testing.assert_array_equal(rows, [1, 1])
+    np.testing.assert_array_equal(mask, [0, 0])
+    assert layout.steps == 3 and layout.size == 6
+
+
+def test_iterate_batches_from_a_start_step_gives_the_rest_of_the_epoch():
+    x, y = np.arange(10)[:, None], np.arange(10)
+    whole = list(data.iterate_batches(x, y, 3, seed=1, epoch=2, shuffle=True))
+    rest = list(data.iterate_batches(x, y, 3, seed=1, epoch=2, shuffle=True, start_step=2))
+    assert len(rest) == 2
+    for a, b in zip(rest, whole[2:]):
+        np.testing.assert_array_equal(a["y"], b["y"])
 
 
 @pytest.mark.parametrize("batch_size", [0, -3])

@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from experiments import flags
-from flaxlesson import checkpoint, models, training
+from flaxlesson import checkpoint, execution, models, training
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED, BATCH, EPOCHS = 5, 6, 3  # 40 samples: 7 steps an epoch, 21 in all
@@ -96,13 +96,13 @@ def test_a_fit_stopped_mid_epoch_resumes_to_the_uninterrupted_params_bit_for_bit
 
 
 def test_a_signal_while_the_fit_compiles_stops_it_after_its_first_call(monkeypatch):
-    scan_train_step = training.steps.scan_train_step
+    one_train_step = execution.core.one_train_step
 
     def signalled(train_step):
         os.kill(os.getpid(), signal.SIGINT)
-        return scan_train_step(train_step)
+        return one_train_step(train_step)
 
-    monkeypatch.setattr(training.steps, "scan_train_step", signalled)
+    monkeypatch.setattr(execution.core, "one_train_step", signalled)
     state, history = _fit(_state())
     assert history.interrupted == "SIGINT" and history.epoch == [] and int(state.step) == 1
 

@@ -72,11 +72,11 @@ def test_sharded_state_is_replicated_over_the_mesh():
     assert kernel.sharding.is_fully_replicated
 
 
-def test_sharded_compiles_the_cores_train_steps_once(caplog):
+def test_sharded_compiles_the_cores_train_step_once(caplog):
     x, y = _toy(n=20)
     with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
         training.fit(_state(), x, y, epochs=2, batch_size=6, verbose=0, strategy="sharded")
-    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_steps)")]
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_one)")]
     assert len(compiles) == 1
 
 
@@ -148,13 +148,9 @@ def test_fit_leaves_the_callers_state_usable(strategy):
 
 def test_process_shares_tile_each_global_batch():
     x, y = np.arange(22.0)[:, None], np.arange(22)
-    whole = list(data.iterate_batches(x, y, 10, rng=np.random.default_rng(1), pad_multiple=4))
+    whole = list(data.iterate_batches(x, y, 10, seed=1, shuffle=True, pad_multiple=4))
     shares = [
-        list(
-            data.iterate_batches(
-                x, y, 10, rng=np.random.default_rng(1), pad_multiple=4, process_index=i, process_count=2
-            )
-        )
+        list(data.iterate_batches(x, y, 10, seed=1, shuffle=True, pad_multiple=4, process_index=i, process_count=2))
         for i in range(2)
     ]
     for b, (first, second) in enumerate(zip(*shares)):

@@ -92,7 +92,7 @@ def test_the_epoch_remainder_compiles_no_second_call(caplog):
 def test_a_resident_epoch_moves_only_its_index_order(monkeypatch):
     x, y = _toy()
     moved = []
-    original = sources.ArraySource.epoch_inputs
+    original = sources.ResidentSource.epoch_inputs
 
     def recording(self, *args, **kwargs):
         # From the first step on, only explicit placements (the index order) may move data.
@@ -101,7 +101,7 @@ def test_a_resident_epoch_moves_only_its_index_order(monkeypatch):
                 moved.append({k: (v.dtype, v.shape) for k, v in inputs.items()})
                 yield inputs
 
-    monkeypatch.setattr(sources.ArraySource, "epoch_inputs", recording)
+    monkeypatch.setattr(sources.ResidentSource, "epoch_inputs", recording)
     training.fit(_state(), x, y, epochs=2, batch_size=4, verbose=0, data_on_device=True)
     assert moved and all(set(m) == {"index", "mask"} and m["index"][0] == np.int32 for m in moved)
 

@@ -57,8 +57,8 @@ def _assert_same_batches(got, expected):
                 np.testing.assert_array_equal(leaf_a, leaf_b)
 
 
-def _rng(seed, epoch, shuffle=True):
-    return np.random.default_rng([seed, epoch]) if shuffle else None
+def _order(seed, epoch, shuffle=True):
+    return {"seed": seed, "epoch": epoch, "shuffle": shuffle}
 
 
 # Batches as data.iterate_batches makes them
@@ -74,7 +74,7 @@ def test_batches_equal_iterate_batches_over_the_arrays_in_memory(
     dataset = streaming.StreamingDataset(shard_dir, prefetch=2)
     got = dataset.batches(batch_size, seed=7, epoch=epoch, shuffle=shuffle, pad_multiple=pad_multiple)
     expected = data.iterate_batches(
-        in_memory.x_train, in_memory.y_train, batch_size, rng=_rng(7, epoch, shuffle), pad_multiple=pad_multiple
+        in_memory.x_train, in_memory.y_train, batch_size, **_order(7, epoch, shuffle), pad_multiple=pad_multiple
     )
     _assert_same_batches(got, expected)
 
@@ -89,7 +89,7 @@ def test_the_last_partial_batch_is_padded_with_its_first_row_and_masked(shard_di
 def test_worker_processes_give_the_same_batches(shard_dir, in_memory):
     dataset = streaming.StreamingDataset(shard_dir, worker_count=1, prefetch=1)
     with dataset.batches(64, seed=3, epoch=1) as got:
-        _assert_same_batches(got, data.iterate_batches(in_memory.x_train, in_memory.y_train, 64, rng=_rng(3, 1)))
+        _assert_same_batches(got, data.iterate_batches(in_memory.x_train, in_memory.y_train, 64, **_order(3, 1)))
 
 
 def test_several_epochs_in_one_iterator_follow_each_other(shard_dir, in_memory):
@@ -97,7 +97,7 @@ def test_several_epochs_in_one_iterator_follow_each_other(shard_dir, in_memory):
     expected = [
         batch
         for epoch in (1, 2)
-        for batch in data.iterate_batches(in_memory.x_train, in_memory.y_train, 64, rng=_rng(2, epoch))
+        for batch in data.iterate_batches(in_memory.x_train, in_memory.y_train, 64, **_order(2, epoch))
     ]
     _assert_same_batches(got, expected)
 
@@ -105,19 +105,15 @@ def test_several_epochs_in_one_iterator_follow_each_other(shard_dir, in_memory):
 def test_extra_fields_join_the_images_as_a_dict_input(id_shard_dir, in_memory):
     got = streaming.StreamingDataset(id_shard_dir).batches(48, seed=4)
     x = {"x": in_memory.x_train, "id": np.arange(N)}
-    _assert_same_batches(got, data.iterate_batches(x, in_memory.y_train, 48, rng=_rng(4, 0)))
+    _assert_same_batches(got, data.iterate_batches(x, in_memory.y_train, 48, **_order(4, 0)))
 
 
-def test_element_spec_and_length_describe_one_row(id_shard_dir):
+def test_length_and_rows_describe_the_records(id_shard_dir):
     dataset = streaming.StreamingDataset(id_shard_dir)
-    assert len(dataset) == dataset.num_examples == N and dataset.steps_per_epoch(64) == 5
-    assert dataset.element_spec == {
-        "x": {
-            "x": streaming.Field((SIZE, SIZE, 1), np.dtype(np.float32)),
-            "id": streaming.Field((), np.dtype(np.int64)),
-        },
-        "y": streaming.Field((), np.dtype(np.int32)),
-    }
+    rows = dataset.take([0, 5])
+    assert len(dataset) == dataset.num_examples == N
+    assert rows["x"]["x"].shape == (2, SIZE, SIZE, 1) and rows["x"]["x"].dtype == np.float32
+    assert rows["x"]["id"].dtype == np.int64 and rows["y"].dtype == np.int32
 
 
 # Processes
@@ -129,7 +125,7 @@ def test_processes_get_their_share_of_every_global_batch(id_shard_dir, in_memory
     for index in range(2):
         got = dataset.batches(30, seed=5, pad_multiple=8, process_index=index, process_count=2)
         expected = data.iterate_batches(
-            x, in_memory.y_train, 30, rng=_rng(5, 0), pad_multiple=8, process_index=index, process_count=2
+            x, in_memory.y_train, 30, **_order(5, 0), pad_multiple=8, process_index=index, process_count=2
         )
         _assert_same_batches(got, expected)
 
@@ -150,7 +146,7 @@ def test_each_process_reads_only_its_share(shard_dir, monkeypatch):
     monkeypatch.setattr(dataset.records, "read", lambda indices: read.append(np.asarray(indices)) or original(indices))
     batches = list(dataset.batches(32, seed=1, process_index=1, process_count=2))
     assert [len(rows) for rows in read] == [16] * len(batches)
-    shares = [batch["x"][16:] for batch in data.iterate_batches(np.arange(N), None, 32, rng=_rng(1, 0))]
+    shares = [batch["x"][16:] for batch in data.iterate_batches(np.arange(N), None, 32, **_order(1, 0))]
     np.testing.assert_array_equal(np.concatenate(read), np.concatenate(shares))
 
 
@@ -170,7 +166,7 @@ def test_two_real_processes_on_loopback_read_disjoint_shares(id_shard_dir):
     shares = dict(json.loads(line.split(" ", 1)[1]) for out in outputs for line in out.splitlines() if "IDS" in line)
     for index in range(2):
         expected = data.iterate_batches(
-            np.arange(N), None, 32, rng=_rng(6, 0), pad_multiple=8, process_index=index, process_count=2
+            np.arange(N), None, 32, **_order(6, 0), pad_multiple=8, process_index=index, process_count=2
         )
         assert shares[index] == [batch["x"][batch["mask"] > 0].tolist() for batch in expected]
     assert sorted(i for share in shares.values() for batch in share for i in batch) == list(range(N))
@@ -179,32 +175,17 @@ def test_two_real_processes_on_loopback_read_disjoint_shares(id_shard_dir):
 # Resuming
 
 
-def test_a_restored_state_continues_mid_epoch_exactly(shard_dir):
+def test_start_step_continues_mid_epoch_exactly_across_epochs(shard_dir):
     dataset = streaming.StreamingDataset(shard_dir)
     uninterrupted = list(dataset.batches(32, seed=9, epoch=1, num_epochs=2))
-    first = dataset.batches(32, seed=9, epoch=1, num_epochs=2)
-    for _ in range(4):
-        next(first)
-    state = json.loads(json.dumps(first.get_state()))
-    assert (state["epoch"], state["step"], state["seed"]) == (1, 4, 9)
-    resumed = dataset.batches(32, seed=9, epoch=1, num_epochs=2)
-    resumed.set_state(state)
+    resumed = dataset.batches(32, seed=9, epoch=1, start_step=4, num_epochs=2)
     assert len(resumed) == len(uninterrupted) - 4
     _assert_same_batches(resumed, uninterrupted[4:])
 
 
-def test_start_step_resumes_as_set_state_does(shard_dir):
-    dataset = streaming.StreamingDataset(shard_dir)
-    uninterrupted = list(dataset.batches(32, seed=9, epoch=3))
-    _assert_same_batches(dataset.batches(32, seed=9, epoch=3, start_step=7), uninterrupted[7:])
-
-
-@pytest.mark.parametrize("key, value", [("seed", 10), ("batch_size", 16), ("process_index", 1)])
-def test_a_state_of_another_seed_or_layout_is_rejected(shard_dir, key, value):
-    dataset = streaming.StreamingDataset(shard_dir)
-    state = {**dataset.batches(32, seed=9, process_count=2).get_state(), key: value}
-    with pytest.raises(ValueError, match=f"state: {key}"):
-        dataset.batches(32, seed=9, process_count=2).set_state(state)
+def test_start_step_past_the_epoch_is_refused(shard_dir):
+    with pytest.raises(ValueError, match="start_step"):
+        streaming.StreamingDataset(shard_dir).batches(32, start_step=N)
 
 
 # Validation split
@@ -214,7 +195,7 @@ def test_split_holds_out_the_last_fraction_as_train_validation_split_does(shard_
     train, validation = streaming.StreamingDataset(shard_dir).split(0.25)
     (x_train, y_train), (x_val, y_val) = data.train_validation_split(in_memory.x_train, in_memory.y_train, 0.25)
     assert (len(train), len(validation)) == (len(x_train), len(x_val))
-    _assert_same_batches(train.batches(32, seed=2), data.iterate_batches(x_train, y_train, 32, rng=_rng(2, 0)))
+    _assert_same_batches(train.batches(32, seed=2), data.iterate_batches(x_train, y_train, 32, **_order(2, 0)))
     _assert_same_batches(validation.batches(32, shuffle=False), data.iterate_batches(x_val, y_val, 32))
 
 
@@ -338,7 +319,7 @@ def test_a_prepared_tfds_split_streams_as_load_tfds_reads_it(prepared_mnist):
     dataset = streaming.StreamingDataset.from_tfds("mnist", "train", data_dir=prepared_mnist, prefetch=0)
     assert dataset.class_names == images.class_names
     _assert_same_batches(
-        dataset.batches(16, seed=1), data.iterate_batches(images.x_train, images.y_train, 16, rng=_rng(1, 0))
+        dataset.batches(16, seed=1), data.iterate_batches(images.x_train, images.y_train, 16, **_order(1, 0))
     )
 
 
@@ -366,6 +347,28 @@ def test_a_streaming_fit_and_an_in_memory_fit_end_with_the_same_params(shard_dir
     for a, b in zip(jax.tree.leaves(streamed.params), jax.tree.leaves(held.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     np.testing.assert_allclose(history.history["val_loss"], held_history.history["val_loss"], rtol=1e-5)
+
+
+def test_a_streamed_fit_resumed_at_step_n_reads_only_the_steps_from_n_on(shard_dir, in_memory, monkeypatch):
+    read, load = [], streaming._LoadBatch.__call__
+
+    def counted(self, position):
+        read.append(position)
+        return load(self, position)
+
+    monkeypatch.setattr(streaming._LoadBatch, "__call__", counted)
+    start = training.create_train_state(models.CNN(features=(4,), dense=16, num_classes=3), in_memory.x_train[:1])
+    training.fit(
+        start,
+        streaming.StreamingDataset(shard_dir),
+        epochs=2,
+        batch_size=32,
+        initial_epoch=1,
+        initial_step=6,
+        verbose=0,
+    )
+    steps = -(-N // 32)  # 10 steps an epoch: epoch 1's steps 6..9 are positions 16..19
+    assert read == list(range(steps + 6, 2 * steps))
 
 
 def test_evaluate_and_predict_take_a_streaming_dataset(shard_dir, in_memory):

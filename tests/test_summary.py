@@ -7,7 +7,7 @@ from experiments import distributed
 from flaxlesson import models, summary
 
 LESSON_MODELS = {
-    # Keras's model.summary() totals for the lesson's networks (DESIGN.md, "Facts measured").
+    # Keras's model.summary() totals for the lesson's networks, as the lesson's own Keras code prints them.
     "mlp": (models.MLP(num_classes=3), np.zeros((1, 4), np.float32), 193),
     "cnn": (models.CNN(), np.zeros((1, 28, 28, 1), np.float32), 225_034),
     "rnn": (models.SimpleRNNClassifier(50, num_classes=1), np.zeros((1, 5), np.float32), 2_651),

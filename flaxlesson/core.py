@@ -5,8 +5,8 @@ Models return logits. A loss name (Keras's) picks the per-example loss, the accu
 (Keras's `to_categorical`), 'binary_crossentropy' one logit per sample.
 The steps are pure functions of (state, running totals, batch); a strategy from `parallel` compiles them and
 places their inputs, so the same step serves one device, a sharded mesh and pmap. Batches have one fixed size
-and a mask, so the last partial batch trains without a second compile. `scan_steps` runs several steps as one
-compiled call.
+and a mask, so the last partial batch trains without a second compile. `one_*_step` is one step per compiled
+call (the plain loop); `scan_*_step` runs several steps as one compiled call through `lax.scan`.
 """
 
 import dataclasses
@@ -151,9 +151,14 @@ def set_learning_rate(state: Any, value: float) -> Any:
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState, plus the Keras loss name that fixes the model's output activation."""
+    """Flax's TrainState, plus the Keras loss name that fixes the model's output activation, and the model itself.
+
+    `model` is the linen module `apply_fn` belongs to (static: its fields are its config), so code that checks
+    inputs or saves the model reads it here rather than from inside `apply_fn`.
+    """
 
     loss: str = struct.field(pytree_node=False, default="sparse_categorical_crossentropy")
+    model: nn.Module | None = struct.field(pytree_node=False, default=None)
 
 
 def create_train_state(
@@ -171,7 +176,7 @@ def create_train_state(
     get_loss(loss)
     init = jax.jit(lambda key, x: apply_inputs(lambda inputs, **kw: model.init(key, inputs, **kw), x))
     params = init(jax.random.key(seed), sample_x)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer or keras_adam(), loss=loss)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer or keras_adam(), loss=loss, model=model)
 
 
 def apply_inputs(fn: Callable, x: Any) -> Any:
@@ -195,6 +200,12 @@ def forward(state: TrainState, params: Any, x: Any) -> jax.Array:
 def zero_totals() -> Totals:
     """Running sums of loss, correct predictions and real samples over an epoch (host zeros, placed by the caller)."""
     return {name: np.zeros((), np.float32) for name in ("loss", "correct", "count")}
+
+
+def means(sums: dict[str, Any]) -> dict[str, float]:
+    """Mean loss and accuracy over the real samples of running totals (host values)."""
+    count = max(float(sums["count"]), 1.0)
+    return {"loss": float(sums["loss"]) / count, "accuracy": float(sums["correct"]) / count}
 
 
 def _reducer(axis_name: str | None) -> Callable:
@@ -275,6 +286,38 @@ def gather_batch(data: Batch, inputs: Batch) -> Batch:
     return {**rows, "mask": inputs["mask"]}
 
 
+def batch_of(data: Batch | None, inputs: Batch) -> Batch:
+    """The batch a step runs on: `inputs` itself, or the rows of resident `data` that `inputs` name."""
+    return inputs if data is None else gather_batch(data, inputs)
+
+
+def one_train_step(train_step: Callable) -> Callable:
+    """`call(state, totals, key, data, inputs) -> (state, totals)`: `train_step` on one step's inputs."""
+
+    def train_one(state: TrainState, totals: Totals, key: jax.Array, data: Batch | None, inputs: Batch):
+        return train_step(state, totals, batch_of(data, inputs), key)
+
+    return train_one
+
+
+def one_eval_step(eval_step: Callable) -> Callable:
+    """`call(state, totals, data, inputs) -> totals`: `eval_step` on one step's inputs."""
+
+    def eval_one(state: TrainState, totals: Totals, data: Batch | None, inputs: Batch) -> Totals:
+        return eval_step(state, totals, batch_of(data, inputs))
+
+    return eval_one
+
+
+def one_predict_step(predict_step: Callable) -> Callable:
+    """`call(state, data, inputs) -> outputs`: `predict_step` on one step's inputs."""
+
+    def predict_one(state: TrainState, data: Batch | None, inputs: Batch) -> jax.Array:
+        return predict_step(state, batch_of(data, inputs))
+
+    return predict_one
+
+
 def _scan(step: Callable, carry: Any, data: Batch | None, inputs: Batch, count: jax.Array) -> tuple[Any, Any]:
     """`step(carry, batch) -> (carry, out)` over the leading axis of `inputs`; steps at index >= `count` are skipped.
 
@@ -285,7 +328,7 @@ def _scan(step: Callable, carry: Any, data: Batch | None, inputs: Batch, count: 
 
     def body(carry: Any, indexed: tuple[jax.Array, Batch]) -> tuple[Any, Any]:
         i, inp = indexed
-        batch = inp if data is None else gather_batch(data, inp)
+        batch = batch_of(data, inp)
         out_shape = jax.eval_shape(step, carry, batch)[1]
 
         def skip(carry: Any, batch: Batch) -> tuple[Any, Any]:
@@ -293,8 +336,8 @@ def _scan(step: Callable, carry: Any, data: Batch | None, inputs: Batch, count: 
 
         return jax.lax.cond(i < count, step, skip, carry, batch)
 
-    steps = jax.tree.leaves(inputs)[0].shape[0]
-    return jax.lax.scan(body, carry, (jnp.arange(steps), inputs))
+    length = jax.tree.leaves(inputs)[0].shape[0]
+    return jax.lax.scan(body, carry, (jnp.arange(length), inputs))
 
 
 def scan_train_step(train_step: Callable) -> Callable:
