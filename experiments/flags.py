@@ -265,6 +265,8 @@ def execute(parser: argparse.ArgumentParser, run: Callable[[Any], dict], config:
     except checkpoint.CheckpointWriteError as problem:
         print(f"{parser.prog}: error: {problem}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except checkpoint.CheckpointError as problem:  # found as the fit begins: a resume with other data settings
+        error(parser, ConfigError("checkpoint_dir", str(problem)))
     if metrics.get("interrupted"):
         print(f"Interrupted ({metrics.get('interrupted_by')}): {config.out} holds what finished", flush=True)
         sys.exit(exit_code(metrics))

@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import NamedSharding
 
 from flaxlesson import checkpoint, models, training
+from flaxlesson.resume import resume_or_start
 
 
 def _toy(n=40, seed=0):
@@ -165,9 +166,9 @@ def test_bad_initial_epoch_is_rejected(initial_epoch):
 
 def test_resume_or_start_without_a_directory_saves_nothing():
     state = _state()
-    assert checkpoint.resume_or_start(None, state) == (state, 0, 0, [])
+    assert resume_or_start(None, state) == (state, 0, 0, [])
 
 
 def test_resume_without_a_directory_is_rejected():
     with pytest.raises(ValueError, match="resume needs a checkpoint directory"):
-        checkpoint.resume_or_start(None, _state(), resume=True)
+        resume_or_start(None, _state(), resume=True)
