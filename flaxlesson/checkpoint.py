@@ -153,6 +153,8 @@ class BackupAndRestore(Callback):
             self._quiet.enter_context(store.quiet())
             self._manager = store.open_manager(self.directory, write=True, max_to_keep=max_to_keep)
         except BaseException:
+            if self._lock is not None:
+                self._lock.abandon()
             self._release()
             raise
         self._saved = self.step if self.step in self._manager.all_steps() else None

@@ -52,6 +52,7 @@ class Lock:
     def __init__(self, directory: Path, let_go: Callable[[], None]):
         self.path, self.let_go = (directory / LOCK_NAME).resolve(), let_go
         let_go_earlier(directory)
+        self.created = not self.path.exists()
         self.file = open(self.path, "a+")  # noqa: SIM115 - held open for the run
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -77,6 +78,12 @@ class Lock:
         if not self.file.closed:
             self.file.truncate(0)
             self.file.close()
+
+    def abandon(self) -> None:
+        """Let go of a folder this run refused, leaving it as it was: without the lock file if this lock made it."""
+        if self.created and not self.file.closed:
+            self.path.unlink(missing_ok=True)
+        self.release()
 
 
 def _links(directory: Path) -> list[Path]:
