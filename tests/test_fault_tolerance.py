@@ -492,3 +492,20 @@ def test_a_streamed_fit_stopped_mid_epoch_resumes_to_the_uninterrupted_params_bi
     start = begin(resume=True)
     assert (start.initial_epoch, start.initial_step) == (1, 3)
     _assert_equal(fit(start).params, uninterrupted.params)
+
+
+def test_a_step_folder_turned_symlink_mid_run_fails_saying_the_new_checkpoint_was_written(tmp_path):
+    directory = tmp_path / "c"
+
+    def link_step_2(epoch, step, logs, state):
+        if (epoch, step) == (0, 4):  # step 2 is saved; orbax's max_to_keep=1 clean-up deletes it at the next save
+            while not (directory / "2").is_dir():
+                time.sleep(0.01)
+            shutil.copytree(directory / "2", tmp_path / "moved")
+            shutil.rmtree(directory / "2")
+            (directory / "2").symlink_to(tmp_path / "moved")
+
+    with pytest.raises(checkpoint.CheckpointWriteError) as error:
+        _run(_start(directory, save_freq=2, max_to_keep=1), training.LambdaCallback(on_train_batch_end=link_step_2))
+    assert f"the checkpoint of train step 4 in '{directory}' was written, but finishing it failed: " in str(error.value)
+    assert 4 in checkpoint.steps(directory) and (tmp_path / "moved" / "state").is_dir()
