@@ -120,10 +120,10 @@ def _foreign(directory: Path, marked: bool) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name not in ours and not p.name.startswith(DAMAGED_PREFIX))
 
 
-def claim(directory: Path, kind: str) -> None:
-    """Refuse a folder flaxlesson's `kind` runs may not write in (CheckpointError, folder untouched); mark it as theirs.
+def check(directory: Path, kind: str) -> str | None:
+    """Refuse a folder flaxlesson's `kind` runs may not use (CheckpointError, folder untouched); the kind it names.
 
-    For the lock holder, before training.
+    Read-only: `resume_or_start` asks before it restores, so a folder of another kind is named as such.
     """
     links = _links(directory)
     if links:
@@ -144,7 +144,12 @@ def claim(directory: Path, kind: str) -> None:
             f"directory {str(directory)!r} holds entries flaxlesson did not write ({shown}); a checkpoint folder "
             "holds only a run's checkpoints: give this run an empty or new folder"
         )
-    if marked is None:
+    return marked
+
+
+def claim(directory: Path, kind: str) -> None:
+    """`check` the folder, then mark an unmarked one as `kind`'s. For the lock holder, before training."""
+    if check(directory, kind) is None:
         temporary = directory / f".{MARK_NAME}.tmp"
         temporary.write_text(json.dumps({"written_by": "flaxlesson", "kind": kind}) + "\n")
         os.replace(temporary, directory / MARK_NAME)

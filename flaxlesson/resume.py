@@ -49,6 +49,8 @@ def resume_or_start(
             f"{str(directory)!r} does not exist, so there is nothing to resume; drop the resume to start afresh there"
         )
     ownership.let_go_earlier(Path(directory))
+    if Path(directory).is_dir():
+        ownership.check(Path(directory), kind)
     found = store.restore_newest(directory, state, strategy=strategy) if resume else None
     position = store.Position(0, 0, seed)
     if found is not None:
