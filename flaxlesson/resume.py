@@ -9,7 +9,7 @@ from flaxlesson import ownership, store
 from flaxlesson.callbacks import Callback
 from flaxlesson.checkpoint import BackupAndRestore
 
-logger = logging.getLogger("flaxlesson.checkpoint")
+logger = logging.getLogger("flaxlesson.checkpoint")  # the name users filter on for checkpoint warnings
 
 
 class Start(NamedTuple):

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 
 from flaxlesson import checks, parallel
 
-logger = logging.getLogger("flaxlesson.checkpoint")
+logger = logging.getLogger("flaxlesson.checkpoint")  # the name users filter on for checkpoint warnings
 
 ITEMS = ("state", "position")
 """The items of every checkpoint: the train state's arrays, and the data position as JSON."""
