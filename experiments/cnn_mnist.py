@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import flags  # noqa: E402
 from flaxlesson import augment, checkpoint, data, models, plots, results, training  # noqa: E402
+from flaxlesson.resume import resume_or_start  # noqa: E402
 
 LABELS = {"sparse": "sparse_categorical_crossentropy", "one-hot": "categorical_crossentropy"}
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
@@ -88,13 +89,14 @@ def run(config: Config) -> dict:
         y_test = data.to_categorical(images.y_test, images.num_classes)
     state = training.create_train_state(model, images.x_train[:1], seed=config.seed, loss=loss)
     try:
-        start = checkpoint.resume_or_start(
+        start = resume_or_start(
             config.checkpoint_dir,
             state,
             resume=config.resume,
             strategy=config.strategy,
             seed=config.seed,
             save_freq=config.save_freq,
+            kind="cnn_mnist",
         )
     except checkpoint.CheckpointError as e:
         raise flags.ConfigError("checkpoint_dir", str(e)) from None

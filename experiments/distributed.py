@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import flags  # noqa: E402
 from flaxlesson import checkpoint, data, launch, models, parallel, plots, results, training, worker  # noqa: E402
+from flaxlesson.resume import resume_or_start  # noqa: E402
 
 # Left out of metrics.json's settings: where this process sat in the run, not how the run was set.
 PLACEMENT = ("coordinator", "process_id")
@@ -126,9 +127,16 @@ def train(config: Config) -> dict:
     strategy = parallel.get_strategy(config.strategy)
     lead = jax.process_index() == 0
     # A process restarted by the launcher resumes from the newest checkpoint, whatever --resume says.
-    resume = config.resume or (config.checkpoint_dir is not None and worker.restart_attempt() > 0)
-    start = checkpoint.resume_or_start(
-        config.checkpoint_dir, state, resume=resume, strategy=strategy, seed=config.seed, save_freq=config.save_freq
+    restarted = config.checkpoint_dir is not None and worker.restart_attempt() > 0
+    resume = config.resume or (restarted and Path(config.checkpoint_dir).is_dir())
+    start = resume_or_start(
+        config.checkpoint_dir,
+        state,
+        resume=resume,
+        strategy=strategy,
+        seed=config.seed,
+        save_freq=config.save_freq,
+        kind="distributed",
     )
     same = {
         "epochs": config.epochs,

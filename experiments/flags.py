@@ -13,6 +13,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 from flaxlesson import checkpoint, data, parallel, results
@@ -214,7 +215,14 @@ def setup_logging() -> None:
 
 
 def check_before_training(config: Config) -> None:
-    """Raise ConfigError for what would fail only after training: unwritable folders, a resume past the epochs."""
+    """Raise ConfigError for what would fail only after training: unwritable folders, a resume past the epochs.
+
+    A --resume whose --checkpoint-dir does not exist is refused before the folder is made: nothing to resume.
+    """
+    if getattr(config, "resume", False) and not Path(config.checkpoint_dir).is_dir():
+        raise ConfigError(
+            "resume", f"{config.checkpoint_dir!r} does not exist, so there is nothing to resume; drop --resume to start"
+        )
     for name in ("out", "checkpoint_dir"):
         folder = getattr(config, name, None)
         if folder is not None:
@@ -265,6 +273,8 @@ def execute(parser: argparse.ArgumentParser, run: Callable[[Any], dict], config:
     except checkpoint.CheckpointWriteError as problem:
         print(f"{parser.prog}: error: {problem}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except checkpoint.CheckpointError as problem:  # found as the fit begins: a resume with other data settings
+        error(parser, ConfigError("checkpoint_dir", str(problem)))
     if metrics.get("interrupted"):
         print(f"Interrupted ({metrics.get('interrupted_by')}): {config.out} holds what finished", flush=True)
         sys.exit(exit_code(metrics))

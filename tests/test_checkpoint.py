@@ -1,4 +1,5 @@
 import hashlib
+import json
 import os
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 from jax.sharding import NamedSharding
 
 from flaxlesson import checkpoint, models, training
+from flaxlesson.resume import resume_or_start
 
 
 def _toy(n=40, seed=0):
@@ -165,9 +167,113 @@ def test_bad_initial_epoch_is_rejected(initial_epoch):
 
 def test_resume_or_start_without_a_directory_saves_nothing():
     state = _state()
-    assert checkpoint.resume_or_start(None, state) == (state, 0, 0, [])
+    assert resume_or_start(None, state) == (state, 0, 0, [])
 
 
 def test_resume_without_a_directory_is_rejected():
     with pytest.raises(ValueError, match="resume needs a checkpoint directory"):
-        checkpoint.resume_or_start(None, _state(), resume=True)
+        resume_or_start(None, _state(), resume=True)
+
+
+@pytest.mark.parametrize(
+    "foreign",
+    [
+        {"2024/notes.txt": "a user's"},  # a folder with a numeric name: once renamed damaged.*
+        {"3/notes.txt": "a user's"},  # once deleted by orbax's max_to_keep clean-up
+        {"7/": None},  # an empty folder with a numeric name
+        {"5.orbax-checkpoint-tmp-1/notes.txt": "a user's"},  # once deleted as a killed write
+        {"notes.txt": "a user's"},
+    ],
+)
+def test_a_folder_with_entries_flaxlesson_did_not_write_is_refused_and_left_as_it_was(tmp_path, foreign):
+    for name, text in foreign.items():
+        if text is None:
+            (tmp_path / name).mkdir()
+        else:
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text(text)
+    before = _snapshot(tmp_path), sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(checkpoint.CheckpointError, match=r"holds entries flaxlesson did not write \('"):
+        _fit(_state(), 4, callbacks=[checkpoint.ModelCheckpoint(tmp_path, _state(), max_to_keep=1)])
+    assert (_snapshot(tmp_path), sorted(p.name for p in tmp_path.iterdir())) == before
+
+
+def test_a_folder_is_marked_with_its_run_kind_and_refused_to_another_kind(tmp_path):
+    checkpoint.save(tmp_path, _state(), 1, kind="cnn_mnist")
+    assert json.loads((tmp_path / checkpoint.MARK_NAME).read_text())["kind"] == "cnn_mnist"
+    before = _snapshot(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="holds the checkpoints of a 'cnn_mnist' run, not of a 'fit'"):
+        resume_or_start(tmp_path, _state(), resume=True)
+    assert _snapshot(tmp_path) == before
+
+
+def test_a_file_added_to_a_marked_folder_is_refused(tmp_path):
+    _fit(_state(), 1, callbacks=[checkpoint.ModelCheckpoint(tmp_path, _state())])
+    (tmp_path / "9").mkdir()
+    (tmp_path / "9" / "notes.txt").write_text("a user's")
+    with pytest.raises(checkpoint.CheckpointError, match=r"did not write \('9'\)"):
+        resume_or_start(tmp_path, _state(), resume=True)
+    assert (tmp_path / "9" / "notes.txt").read_text() == "a user's" and checkpoint.steps(tmp_path) == [4, 9]
+
+
+def test_a_symlinked_step_folder_is_refused_before_training_naming_the_link(tmp_path):
+    directory = tmp_path / "ckpt"
+    checkpoint.save(directory, _state(), 0)
+    (tmp_path / "elsewhere").mkdir()
+    (directory / "25").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(checkpoint.CheckpointError, match=rf"holds a symbolic link, '{directory}/25'"):
+        resume_or_start(directory, _state(), resume=True)
+    assert (directory / "25").is_symlink()
+
+
+def test_resume_from_a_folder_that_does_not_exist_is_refused_in_one_line(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist, so there is nothing to resume") as error:
+        resume_or_start(tmp_path / "missing", _state(), resume=True)
+    assert "\n" not in str(error.value) and not (tmp_path / "missing").exists()
+
+
+LAYOUT = {"num_examples": 40, "batch_size": 12, "validation_split": 0.1, "shuffle": True, "seed": 0}
+LAYOUT |= {"steps_per_epoch": 3, "process_count": 1, "data": "abc"}
+
+
+def _saved_with_layout(directory):
+    """A folder whose checkpoint of train step 0 was taken by a fit laid out as LAYOUT."""
+    saver = resume_or_start(directory, _state()).callbacks[0]
+    saver.set_params({"epochs": 1, "layout": LAYOUT})
+    saver.on_train_begin(_state())
+    saver.on_train_end({}, _state())
+
+
+def test_the_data_position_holds_the_fits_layout(tmp_path):
+    _saved_with_layout(tmp_path)
+    assert checkpoint.latest_position(tmp_path) == checkpoint.Position(0, 0, 0, LAYOUT)
+
+
+def test_a_resume_with_the_same_layout_begins(tmp_path):
+    _saved_with_layout(tmp_path)
+    saver = resume_or_start(tmp_path, _state(), resume=True).callbacks[0]
+    saver.set_params({"epochs": 2, "layout": dict(LAYOUT)})
+    saver.on_train_begin(_state())
+    saver.on_train_end({}, _state())
+
+
+@pytest.mark.parametrize(
+    "changed, said",
+    [
+        ({"batch_size": 32, "steps_per_epoch": 2}, "batch_size 12 -> 32, ... steps_per_epoch 3 -> 2"),
+        ({"num_examples": 60}, "num_examples 40 -> 60"),
+        ({"validation_split": 0.3}, "validation_split 0.1 -> 0.3"),
+        ({"data": "abd"}, "data 'abc' -> 'abd'"),
+    ],
+)
+def test_a_resume_with_other_data_settings_is_refused_in_one_line_naming_them(tmp_path, changed, said):
+    _saved_with_layout(tmp_path)
+    saver = resume_or_start(tmp_path, _state(), resume=True).callbacks[0]
+    saver.set_params({"epochs": 2, "layout": LAYOUT | changed})
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        saver.on_train_begin(_state())
+    message = str(error.value)
+    assert "\n" not in message and "resume with the old settings, or start afresh in another checkpoint" in message
+    for part in said.split(", ... "):
+        assert part in message
+    saver.on_train_end({}, _state())

@@ -158,7 +158,7 @@ def test_script_resumed_from_a_checkpoint_ends_where_an_uninterrupted_run_does(t
 
 def test_script_resumed_with_nothing_left_to_train_scores_the_checkpoint(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    checkpoint.save(ckpt, _cnn_state(), 1)
+    checkpoint.save(ckpt, _cnn_state(), 1, kind="cnn_mnist")
     config = cnn_mnist.Config(
         dataset="digits", limit=50, epochs=1, checkpoint_dir=str(ckpt), resume=True, out=str(tmp_path / "out")
     )

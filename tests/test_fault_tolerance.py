@@ -20,6 +20,7 @@ import pytest
 
 from experiments import flags
 from flaxlesson import checkpoint, execution, models, training
+from flaxlesson.resume import Start, resume_or_start
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED, BATCH, EPOCHS = 5, 6, 3  # 40 samples: 7 steps an epoch, 21 in all
@@ -65,7 +66,7 @@ class StopAt(training.Callback):
 
 
 def _start(directory, resume=False, save_freq=2, **kwargs):
-    return checkpoint.resume_or_start(directory, _state(), resume=resume, seed=SEED, save_freq=save_freq, **kwargs)
+    return resume_or_start(directory, _state(), resume=resume, seed=SEED, save_freq=save_freq, **kwargs)
 
 
 def _run(start, *callbacks, **kwargs):
@@ -110,7 +111,7 @@ def test_a_signal_while_the_fit_compiles_stops_it_after_its_first_call(monkeypat
 def test_a_checkpoint_holds_the_data_position_and_seed(tmp_path):
     _run(_start(tmp_path), StopAt(1, 3))
     state, position = checkpoint.restore_newest(tmp_path, _state())
-    assert position == checkpoint.Position(epoch=1, step=3, seed=SEED, iterator={})
+    assert position == checkpoint.Position(epoch=1, step=3, seed=SEED)
     assert int(state.step) == 10
 
 
@@ -280,7 +281,9 @@ def test_a_full_disk_gives_one_error_keeps_the_good_checkpoints_and_leaves_no_te
     assert "the newest checkpoint there is step 6" in str(error.value)
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
     assert "Traceback" not in capfd.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["2", "4", "6", checkpoint.LOCK_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["2", "4", "6", checkpoint.LOCK_NAME, checkpoint.MARK_NAME]
+    )
     monkeypatch.undo()
     resumed, _ = _run(_start(tmp_path, resume=True))  # the folder is free again
     _assert_equal(resumed.params, _uninterrupted().params)
@@ -298,7 +301,7 @@ def test_a_run_saved_on_eight_devices_resumes_mid_epoch_on_one(tmp_path):
 def test_a_resume_with_another_seed_is_refused(tmp_path):
     _run(_start(tmp_path), StopAt(1, 3))
     with pytest.raises(checkpoint.CheckpointError, match=f"trained with seed {SEED}, this run has seed 6"):
-        checkpoint.resume_or_start(tmp_path, _state(), resume=True, seed=6)
+        resume_or_start(tmp_path, _state(), resume=True, seed=6)
 
 
 @pytest.mark.parametrize("initial_epoch, initial_step", [(1, 7), (3, 1), (0, -1)])
@@ -325,6 +328,7 @@ import signal, sys, time
 import numpy as np
 from experiments import flags
 from flaxlesson import checkpoint, models, training
+from flaxlesson.resume import resume_or_start
 
 rng = np.random.default_rng(0)
 x = rng.normal(size=(40, 5)).astype(np.float32)
@@ -348,7 +352,7 @@ class WaitForSigterm(training.Callback):
 
 
 state = training.create_train_state(models.MLP(hidden=(12,), num_classes=3), x[:1])
-start = checkpoint.resume_or_start(sys.argv[1], state, seed=5, save_freq=4)
+start = resume_or_start(sys.argv[1], state, seed=5, save_freq=4)
 _, history = training.fit(
     start.state, x, y, epochs=3, batch_size=6, seed=5, verbose=0, callbacks=[*start.callbacks, WaitForSigterm()]
 )
@@ -368,7 +372,7 @@ def test_sigterm_stops_a_run_within_30s_with_a_checkpoint_that_resumes_to_the_un
         child.kill()
         child.wait(timeout=30)
     assert checkpoint.steps(tmp_path)[-1] == 10
-    start = checkpoint.resume_or_start(tmp_path, _state(), resume=True, seed=SEED, save_freq=4)
+    start = resume_or_start(tmp_path, _state(), resume=True, seed=SEED, save_freq=4)
     assert (start.initial_epoch, start.initial_step) == (1, 3)
     resumed, _ = _run(start)
     _assert_equal(resumed.params, _uninterrupted().params)
@@ -481,10 +485,27 @@ def test_a_streamed_fit_stopped_mid_epoch_resumes_to_the_uninterrupted_params_bi
         return training.create_train_state(model, images[:1].astype(np.float32))
 
     def begin(**kwargs):
-        return checkpoint.resume_or_start(tmp_path / "c", fresh(), seed=SEED, save_freq=2, **kwargs)
+        return resume_or_start(tmp_path / "c", fresh(), seed=SEED, save_freq=2, **kwargs)
 
-    uninterrupted = fit(checkpoint.Start(fresh(), 0, 0, []))
+    uninterrupted = fit(Start(fresh(), 0, 0, []))
     fit(begin(), StopAt(1, 3))
     start = begin(resume=True)
     assert (start.initial_epoch, start.initial_step) == (1, 3)
     _assert_equal(fit(start).params, uninterrupted.params)
+
+
+def test_a_step_folder_turned_symlink_mid_run_fails_saying_the_new_checkpoint_was_written(tmp_path):
+    directory = tmp_path / "c"
+
+    def link_step_2(epoch, step, logs, state):
+        if (epoch, step) == (0, 4):  # step 2 is saved; orbax's max_to_keep=1 clean-up deletes it at the next save
+            while not (directory / "2").is_dir():
+                time.sleep(0.01)
+            shutil.copytree(directory / "2", tmp_path / "moved")
+            shutil.rmtree(directory / "2")
+            (directory / "2").symlink_to(tmp_path / "moved")
+
+    with pytest.raises(checkpoint.CheckpointWriteError) as error:
+        _run(_start(directory, save_freq=2, max_to_keep=1), training.LambdaCallback(on_train_batch_end=link_step_2))
+    assert f"the checkpoint of train step 4 in '{directory}' was written, but finishing it failed: " in str(error.value)
+    assert 4 in checkpoint.steps(directory) and (tmp_path / "moved" / "state").is_dir()

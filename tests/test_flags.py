@@ -120,6 +120,16 @@ def test_resuming_from_a_checkpoint_past_the_epochs_asked_is_a_usage_error(tmp_p
     assert "argument --resume: the newest checkpoint" in error and "has trained 3 epochs, past --epochs 2" in error
 
 
+@pytest.mark.parametrize("script", [cnn_mnist, distributed])
+def test_resume_from_a_checkpoint_folder_that_does_not_exist_is_a_usage_error(
+    script, tmp_path, capsys, nothing_may_load
+):
+    argv = ["--checkpoint-dir", str(tmp_path / "missing"), "--resume", "--out", str(tmp_path / "out")]
+    error = _usage_error(script, argv, capsys)
+    assert "argument --resume: " in error and "does not exist, so there is nothing to resume" in error
+    assert not (tmp_path / "missing").exists()
+
+
 def test_a_config_is_checked_as_its_flags_are():
     with pytest.raises(flags.ConfigError, match=r"batch_size: must be a positive integer, got '0'"):
         mlp_iris.Config(batch_size=0)
