@@ -372,7 +372,9 @@ def load_model(
     try:
         module = cls(**fields)
     except TypeError as error:
-        raise SavedModelError(f"{where}: {cls.__qualname__} does not take the saved fields {sorted(fields)}: {error}")
+        raise SavedModelError(
+            f"{where}: {cls.__qualname__} does not take the saved fields {sorted(fields)}: {error}"
+        ) from None
     arrays = {tree: _read_arrays(folder, tree, spec) for tree, spec in config["arrays"].items()}
     if config["input"] is not None:
         wanted = _model_shapes(module, config["input"])
