@@ -264,7 +264,9 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _check_target(folder: Path) -> None:
+def check_path(path: str | os.PathLike) -> None:
+    """ValueError unless `path` is free for `save_model`: missing, an empty folder, or a saved model."""
+    folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"path: {str(folder)!r} is a file, not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not (folder / CONFIG_FILE).is_file():
@@ -287,7 +289,7 @@ def save_model(
     A saved model at `path` is replaced.
     """
     folder = Path(path)
-    _check_target(folder)
+    check_path(folder)
     module = _module_of(state)
     steps.get_loss(state.loss)
     trees = {"params": state.params}
