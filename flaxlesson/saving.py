@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -322,7 +321,9 @@ def save_model(
 def _write(folder: Path, config: dict, arrays: dict[str, dict[str, np.ndarray]]) -> None:
     """Write the files in a fresh folder beside `folder`, then put it in place, so no half-written model is left."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    fresh = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    fresh = folder.parent / f".{folder.name}.writing-{os.getpid()}"
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir()
     try:
         for tree, leaves in arrays.items():
             np.savez(fresh / f"{tree}.npz", **{name: _storable(a) for name, a in leaves.items()})
