@@ -251,3 +251,27 @@ def test_the_exported_model_runs_with_only_jax_and_numpy_at_any_batch_size(tmp_p
     expected = training.predict(state, x)
     np.testing.assert_allclose(np.load(tmp_path / "p7.npy"), expected, atol=1e-6)
     np.testing.assert_allclose(np.load(tmp_path / "p3.npy"), expected[:3], atol=1e-6)
+
+
+def test_save_model_flag_keeps_the_scripts_trained_model(tmp_path):
+    from experiments import mlp_iris
+    from flaxlesson import data
+
+    config = mlp_iris.Config(epochs=2, out=str(tmp_path / "out"), save_model=str(tmp_path / "iris"))
+    metrics = mlp_iris.run(config)
+    assert metrics["saved_model"] == str(tmp_path / "iris")
+    (_, _), (x_test, y_test) = data.load_iris(test_size=0.3, random_state=42)
+    state = saving.load_model(tmp_path / "iris")
+    accuracy = float(np.mean(training.predict(state, x_test).argmax(axis=1) == y_test))
+    assert accuracy == metrics["test_accuracy_per_seed"][0]
+
+
+def test_save_model_flag_on_a_foreign_folder_is_a_usage_error_before_training(tmp_path, capsys):
+    from experiments import mlp_iris
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as stop:
+        mlp_iris.main(["--save-model", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2
+    assert "argument --save-model:" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "metrics.json").exists()
