@@ -177,6 +177,8 @@ def _spec(leaves: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
 
 
 def _read_arrays(folder: Path, tree: str, spec: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
+    if not (folder / f"{tree}.npz").is_file():
+        raise SavedModelError(f"{folder} lacks {tree}.npz, which {CONFIG_FILE} lists")
     with np.load(folder / f"{tree}.npz", allow_pickle=False) as stored:
         arrays = {}
         for name, leaf in spec.items():
@@ -188,23 +190,26 @@ def _read_arrays(folder: Path, tree: str, spec: Mapping[str, Mapping[str, Any]])
     return arrays
 
 
-def _differences(saved: Mapping[str, tuple], wanted: Mapping[str, tuple]) -> list[str]:
-    lines = [f"{name}: the model has it, the saved model does not" for name in sorted(wanted.keys() - saved.keys())]
-    lines += [f"{name}: saved, but not in the model" for name in sorted(saved.keys() - wanted.keys())]
+def _differences(saved: Mapping[str, tuple], wanted: Mapping[str, tuple], other: str = "the model") -> list[str]:
+    lines = [f"{name}: {other} has it, the saved model does not" for name in sorted(wanted.keys() - saved.keys())]
+    lines += [f"{name}: saved, but not in {other}" for name in sorted(saved.keys() - wanted.keys())]
     lines += [
-        f"{name}: saved shape {saved[name]}, model shape {wanted[name]}"
+        f"{name}: saved shape {saved[name]}, {other} has {wanted[name]}"
         for name in sorted(saved.keys() & wanted.keys())
         if saved[name] != wanted[name]
     ]
     return lines
 
 
-def _fill(template: Any, arrays: Mapping[str, np.ndarray], what: str, where: str) -> Any:
+def _fill_opt_state(template: Any, arrays: Mapping[str, np.ndarray], where: str) -> Any:
     """`template`'s tree with the saved arrays as leaves; SavedModelError naming each leaf that differs."""
     wanted = {name: tuple(np.shape(leaf)) for name, leaf in _named_leaves(template).items()}
-    problems = _differences({name: a.shape for name, a in arrays.items()}, wanted)
+    problems = _differences({name: a.shape for name, a in arrays.items()}, wanted, "this optimizer's state")
     if problems:
-        raise SavedModelError(f"{where}: the saved {what} do not fit the model:\n  " + "\n  ".join(problems))
+        raise SavedModelError(
+            f"{where}: the saved optimizer state does not fit this optimizer; pass the one it was saved with "
+            f"(optimizer=...) or save with include_optimizer=False:\n  " + "\n  ".join(problems)
+        )
     leaves = [jnp.asarray(arrays[name]) for name in _named_leaves(template)]
     return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
@@ -394,7 +399,7 @@ def load_model(
         apply_fn=module.apply, params=params, tx=optimizer or steps.keras_adam(), loss=config["loss"], **extra
     )
     if "opt_state" in arrays:
-        state = state.replace(opt_state=_fill(state.opt_state, arrays["opt_state"], "optimizer state", where))
+        state = state.replace(opt_state=_fill_opt_state(state.opt_state, arrays["opt_state"], where))
     return state.replace(step=jnp.asarray(config["step"], jnp.int32))
 
 

@@ -179,9 +179,9 @@ def test_params_that_do_not_fit_the_model_are_named(tmp_path):
     with pytest.raises(saving.SavedModelError, match="do not fit") as error:
         saving.load_model(folder)
     message = str(error.value)
-    assert "Dense_0/kernel: saved shape (6, 4), model shape (6, 7)" in message
-    assert "Dense_1/kernel: saved shape (4, 3), model shape (7, 3)" in message
-    assert "Dense_0/bias: saved shape (4,), model shape (7,)" in message
+    assert "Dense_0/kernel: saved shape (6, 4), the model has (6, 7)" in message
+    assert "Dense_1/kernel: saved shape (4, 3), the model has (7, 3)" in message
+    assert "Dense_0/bias: saved shape (4,), the model has (7,)" in message
 
 
 def test_a_missing_folder_is_refused(tmp_path):
@@ -275,3 +275,12 @@ def test_save_model_flag_on_a_foreign_folder_is_a_usage_error_before_training(tm
     assert stop.value.code == 2
     assert "argument --save-model:" in capsys.readouterr().err
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_an_optimizer_state_of_another_optimizer_is_refused_naming_its_leaves(tmp_path):
+    import optax
+
+    folder = saving.save_model(tmp_path / "m", _mlp_state())
+    with pytest.raises(saving.SavedModelError, match="does not fit this optimizer") as error:
+        saving.load_model(folder, optimizer=optax.sgd(0.1, momentum=0.9))
+    assert "0/mu/Dense_0/kernel: saved, but not in this optimizer's state" in str(error.value)
