@@ -284,3 +284,37 @@ def test_an_optimizer_state_of_another_optimizer_is_refused_naming_its_leaves(tm
     with pytest.raises(saving.SavedModelError, match="does not fit this optimizer") as error:
         saving.load_model(folder, optimizer=optax.sgd(0.1, momentum=0.9))
     assert "0/mu/Dense_0/kernel: saved, but not in this optimizer's state" in str(error.value)
+
+
+WORKER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+import jax
+import numpy as np
+from flaxlesson import models, parallel, saving, training
+
+parallel.initialize()
+folder = sys.argv[1]
+x = np.random.default_rng(0).random((16, 6), np.float32)
+state = training.create_train_state(models.MLP(hidden=(4,)), x[:1], seed=0)
+state, _ = training.fit(state, x, np.arange(16) % 3, epochs=1, batch_size=8, strategy="sharded", verbose=0)
+saving.save_model(folder, state, sample_input=x[:1])
+loaded = saving.load_model(folder)
+me = jax.process_index()
+np.save(f"{folder}_saver{me}.npy", training.predict(state, x, strategy="sharded"))
+np.save(f"{folder}_loaded{me}.npy", training.predict(loaded, x, strategy="sharded"))
+"""
+
+
+def test_two_processes_save_one_model_and_each_loads_it(tmp_path):
+    from flaxlesson import launch
+
+    (tmp_path / "worker.py").write_text(WORKER)
+    folder = tmp_path / "model"
+    launch.launch_local([str(tmp_path / "worker.py"), str(folder), str(ROOT)], 2, devices_per_process=2, timeout=120)
+    saver = np.load(f"{folder}_saver0.npy")
+    assert saver.shape == (16, 3)
+    for process in (0, 1):
+        np.testing.assert_array_equal(np.load(f"{folder}_saver{process}.npy"), saver)
+        np.testing.assert_array_equal(np.load(f"{folder}_loaded{process}.npy"), saver)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".npy")) == ["model", "worker.py"]
