@@ -239,7 +239,7 @@ def test_the_exported_model_runs_with_only_jax_and_numpy_at_any_batch_size(tmp_p
         f"""
         import sys
         import jax, numpy as np
-        exported = jax.export.deserialize(open("{path}", "rb").read())
+        exported = jax.export.deserialize(bytearray(open("{path}", "rb").read()))
         x = np.load("{tmp_path}/x.npy")
         np.save("{tmp_path}/p7.npy", np.asarray(exported.call(x)))
         np.save("{tmp_path}/p3.npy", np.asarray(exported.call(x[:3])))
