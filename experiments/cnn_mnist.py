@@ -4,6 +4,7 @@ python experiments/cnn_mnist.py --dataset auto --out runs/cnn_mnist
 python experiments/cnn_mnist.py --dataset idx --data-dir /usr/share/datasets/fashion-mnist --out runs/cnn_fmnist
 python experiments/cnn_mnist.py --labels one-hot      # the lesson as written: to_categorical + categorical_crossentropy
 python experiments/cnn_mnist.py --dtype bfloat16      # Keras's mixed_bfloat16: bfloat16 compute, float32 params
+python experiments/cnn_mnist.py --save-model runs/cnn_model   # then: experiments/predict.py --model runs/cnn_model
 """
 
 import dataclasses
@@ -57,6 +58,7 @@ class Config(flags.Config):
     save_freq: int | str = "epoch"
     resume: bool = False
     out: str = "runs/cnn_mnist"
+    save_model: str | None = None
 
     @classmethod
     def quick(cls) -> "Config":
@@ -131,6 +133,7 @@ def run(config: Config) -> dict:
         "params_fingerprint": checkpoint.fingerprint(state.params),
         "settings": dataclasses.asdict(config),
         **flags.interrupted(history),
+        **flags.save_trained(config, state, images.x_train[:1]),
     }
     results.write_metrics(config.out, metrics)
     title = f"CNN on {images.name}"

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from flaxlesson import checkpoint, data, parallel, results
+from flaxlesson import checkpoint, data, parallel, results, saving
 
 INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a process stopped by Ctrl-C (128 + SIGINT)
 TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM: a run stopped by SIGTERM (a preemption), its checkpoint saved
@@ -127,6 +127,7 @@ SHARED: dict[str, Flag] = {
     "resume": Flag("continue from the newest good checkpoint in --checkpoint-dir, mid-epoch included", None),
     "save_freq": Flag("train steps between checkpoints in --checkpoint-dir, or 'epoch'", save_freq),
     "out": Flag("folder for metrics.json and the plots"),
+    "save_model": Flag("save the trained model in this folder (saving.save_model; experiments/predict.py reads it)"),
     "steps_per_execution": Flag(
         "training steps per compiled call (lax.scan), or 'epoch'; the update is the same for every value",
         steps_per_execution,
@@ -230,6 +231,13 @@ def check_before_training(config: Config) -> None:
                 results.check_writable(folder)
             except ValueError as problem:
                 raise ConfigError(name, str(problem).removeprefix("path: ")) from None
+    target = getattr(config, "save_model", None)
+    if target is not None:
+        try:
+            saving.check_path(target)
+            results.check_writable(Path(target).resolve().parent)
+        except ValueError as problem:
+            raise ConfigError("save_model", str(problem).removeprefix("path: ")) from None
     if getattr(config, "resume", False):
         trained = checkpoint.latest_position(config.checkpoint_dir)
         if trained is not None and (trained.epoch, trained.step) > (config.epochs, 0):
@@ -238,6 +246,14 @@ def check_before_training(config: Config) -> None:
                 f"the newest checkpoint in {config.checkpoint_dir!r} has trained {trained.describe()}, past "
                 f"--epochs {config.epochs}; ask for at least {trained.epoch + (trained.step > 0)}",
             )
+
+
+def save_trained(config: Config, state: Any, sample_input: Any) -> dict[str, str]:
+    """Save `state`'s model where `--save-model` says (saving logs where); for metrics.json `{"saved_model": path}`."""
+    if config.save_model is None:
+        return {}
+    saving.save_model(config.save_model, state, sample_input=sample_input)
+    return {"saved_model": config.save_model}
 
 
 def interrupted(*histories: Any) -> dict[str, Any]:

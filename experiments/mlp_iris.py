@@ -28,6 +28,7 @@ class Config(flags.Config):
     steps_per_execution: int | str = 1
     validation_split: float = 0.2
     out: str = "runs/mlp_iris"
+    save_model: str | None = None
 
     @classmethod
     def quick(cls) -> "Config":
@@ -36,9 +37,9 @@ class Config(flags.Config):
 
 
 def run(config: Config) -> dict:
-    """Fit the MLP once per seed, score each on the test split; write metrics.json and seed 0's curves."""
+    """Fit the MLP once per seed, score each on the test split; write metrics.json, seed 0's curves (and model)."""
     (x_train, y_train), (x_test, y_test) = data.load_iris(test_size=0.3, random_state=42)
-    accuracies, fit_seconds, histories = [], [], []
+    accuracies, fit_seconds, histories, saved = [], [], [], {}
     for seed in range(config.seeds):
         state = training.create_train_state(models.MLP(num_classes=3), x_train[:1], seed=seed)
         start = time.perf_counter()
@@ -57,6 +58,8 @@ def run(config: Config) -> dict:
         y_pred = training.predict(state, x_test).argmax(axis=1)
         accuracies.append(float(np.mean(y_pred == y_test)))
         histories.append(history)
+        if seed == 0:
+            saved = flags.save_trained(config, state, x_train[:1])
         print(f"seed {seed}: test accuracy {accuracies[-1]:.4f}, fit {fit_seconds[-1]:.2f}s", flush=True)
         if flags.interrupted(history):
             break
@@ -71,6 +74,7 @@ def run(config: Config) -> dict:
         **first.summary(),
         "settings": dataclasses.asdict(config),
         **flags.interrupted(*histories),
+        **saved,
     }
     results.write_metrics(config.out, metrics)
     plots.history_curves(first, f"{config.out}/curves.png", title="MLP on Iris (seed 0)")

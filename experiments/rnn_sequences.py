@@ -63,6 +63,7 @@ class LessonConfig(flags.Config):
     limit: int | None = None
     seed: int = 0
     out: str = "runs/rnn_lesson"
+    save_model: str | None = None
 
     @classmethod
     def quick(cls) -> "LessonConfig":
@@ -124,6 +125,7 @@ def lesson(config: LessonConfig) -> tuple[dict, Curves]:
         "predictions": y_pred,
         "train_accuracy": history.history.get("accuracy", [None])[-1],
         **history.summary(),
+        **flags.save_trained(config, state, x[:1]),
     }
     return metrics, {"curves.png": (history, "SimpleRNN on the lesson's toy")}
 
@@ -224,6 +226,7 @@ def rows_task(config: LessonConfig) -> tuple[dict, Curves]:
         "dataset_source": images.source,
         "class_names": images.class_names,
         "train_test_sizes": [len(rows["train"]), len(rows["test"])],
+        **flags.save_trained(config, state, rows["train"][:1]),
     }
     curves = {"curves.png": (history, f"SimpleRNN on {images.name}, row by row")}
     if config.masking_epochs and not flags.interrupted(history):
