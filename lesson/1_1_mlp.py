@@ -188,11 +188,18 @@ from flaxlesson import models, training
 
 state = training.create_train_state(models.MLP(), X_train[:1], seed=SEED)
 state, history = training.fit(
-    state, X_train, y_train, epochs=EPOCHS, batch_size=BATCH_SIZE, validation_split=VALIDATION_SPLIT, seed=SEED,
+    state,
+    X_train,
+    y_train,
+    epochs=EPOCHS,
+    batch_size=BATCH_SIZE,
+    validation_split=VALIDATION_SPLIT,
+    seed=SEED,
     verbose=0,
 )
 fit_accuracy = training.evaluate(state, X_test, y_test)["accuracy"]
-print(f"flaxlesson test accuracy: {fit_accuracy:.3f}; last epoch: {({k: round(v[-1], 4) for k, v in history.history.items()})}")
+last_epoch = {name: round(values[-1], 4) for name, values in history.history.items()}
+print(f"flaxlesson test accuracy: {fit_accuracy:.3f}; last epoch: {last_epoch}")
 
 # %% [markdown]
 # ## Both gave the same parameters

@@ -91,6 +91,7 @@ assert (X == data.pad_sequences([[1, 2, 3], [4, 5, 6], [7, 8, 9]], padding="post
 # the last state, which is what Keras's SimpleRNN outputs. The Dense layer gives one logit (the sigmoid is in
 # the loss).
 
+
 # %%
 class RNN(nn.Module):
     @nn.compact

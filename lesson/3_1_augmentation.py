@@ -121,6 +121,7 @@ assert largest < 1e-5
 # Keras draws each image's transform from numpy's global generator; here each image gets its own key, split from
 # one, so the same key gives the same augmented batch, on any device, inside `jit`.
 
+
 # %%
 def random_transform(key, image):
     """The lesson's generator: rotation 20, shifts 0.2, shear 0.2, zoom 0.2, horizontal flip."""
@@ -219,8 +220,9 @@ for start in range(0, len(x_train), BATCH_SIZE):
 print(f"plain loop: {step} augmented steps, last loss {float(loss):.4f}")
 
 state = training.create_train_state(Linear(), x_train[:1], seed=SEED)
-state, _ = training.fit(state, x_train, y_train, epochs=1, batch_size=BATCH_SIZE, seed=SEED, augment=augment_batch,
-                        verbose=0)
+state, _ = training.fit(
+    state, x_train, y_train, epochs=1, batch_size=BATCH_SIZE, seed=SEED, augment=augment_batch, verbose=0
+)
 largest = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), params, state.params)))
 print(f"plain loop vs fit(augment=augment_batch): largest parameter difference {largest:.2e}")
 assert largest < 1e-6

@@ -67,7 +67,6 @@ print(jax.devices())
 # %%
 import time
 
-import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -157,9 +156,12 @@ assert largest_difference(sharded, one_device) < 1e-6
 
 # %%
 state = training.create_train_state(model, X[:1], seed=SEED)
-state, history = training.fit(state, X, y, epochs=EPOCHS, batch_size=BATCH_SIZE, seed=SEED, strategy="sharded",
-                              verbose=0)
-print(f"plain sharded loop vs fit(strategy='sharded'): largest difference {largest_difference(sharded, state.params):.2e}")
+state, history = training.fit(
+    state, X, y, epochs=EPOCHS, batch_size=BATCH_SIZE, seed=SEED, strategy="sharded", verbose=0
+)
+print(
+    f"plain sharded loop vs fit(strategy='sharded'): largest difference {largest_difference(sharded, state.params):.2e}"
+)
 assert largest_difference(sharded, state.params) < 1e-6
 
 # %% [markdown]

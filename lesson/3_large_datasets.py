@@ -50,9 +50,7 @@ from flaxlesson import data, models, shards, streaming, training
 FASHION = "/usr/share/datasets/fashion-mnist"
 images = data.load_digits() if QUICK or not os.path.isdir(FASHION) else data.load_idx(FASHION)
 pixels = np.round(images.x_train[..., 0] * 255).astype(np.uint8)  # back to the bytes the files hold
-folder = shards.write_arrays(
-    tempfile.mkdtemp(), pixels, images.y_train, records_per_shard=1000 if QUICK else 10_000
-)
+folder = shards.write_arrays(tempfile.mkdtemp(), pixels, images.y_train, records_per_shard=1000 if QUICK else 10_000)
 files = sorted(glob.glob(str(folder / "shard-*.array_record")))
 print(f"{images.name}: {len(pixels)} images in {len(files)} shards, {sum(map(os.path.getsize, files)):,} bytes")
 
@@ -76,8 +74,7 @@ source = grain.sources.ArrayRecordDataSource(files)
 process_index, process_count = 0, 1  # jax.process_index(), jax.process_count() on several hosts
 dataset = (
     grain.MapDataset.source(source)
-    .shuffle(seed=SEED)
-    [process_index::process_count]
+    .shuffle(seed=SEED)[process_index::process_count]
     .map(decode)
     .batch(BATCH_SIZE, drop_remainder=True)
 )
@@ -90,6 +87,7 @@ print(f"{len(dataset)} batches; the first: x {first['x'].shape} {first['x'].dtyp
 # For the equality check below, the loop reads records in the order `fit` uses (numpy's
 # `default_rng([seed, epoch])` permutation, the last batch padded and masked) rather than grain's shuffle:
 # `MapDataset` reads them by index all the same. The model is a linear classifier, enough to show the loop.
+
 
 # %%
 class Linear(nn.Module):
@@ -143,18 +141,26 @@ state = training.create_train_state(Linear(), streamed.take([0])["x"], seed=SEED
 state, _ = training.fit(state, streamed, epochs=1, batch_size=BATCH_SIZE, seed=SEED, verbose=0)
 
 in_memory = training.create_train_state(Linear(), images.x_train[:1], seed=SEED)
-in_memory, _ = training.fit(in_memory, pixels[..., None] / np.float32(255), images.y_train, epochs=1,
-                            batch_size=BATCH_SIZE, seed=SEED, verbose=0)
+in_memory, _ = training.fit(
+    in_memory,
+    pixels[..., None] / np.float32(255),
+    images.y_train,
+    epochs=1,
+    batch_size=BATCH_SIZE,
+    seed=SEED,
+    verbose=0,
+)
 
 
 def largest_difference(a, b):
     return max(jax.tree.leaves(jax.tree.map(lambda u, v: float(jnp.max(jnp.abs(u - v))), a, b)))
 
 
-print(f"plain streamed loop vs fit(StreamingDataset): largest difference {largest_difference(streamed_params, state.params):.2e}")
-print(f"fit streamed vs fit in memory:               largest difference {largest_difference(state.params, in_memory.params):.2e}")
-assert largest_difference(streamed_params, state.params) < 1e-6
-assert largest_difference(state.params, in_memory.params) < 1e-6
+plain_vs_fit = largest_difference(streamed_params, state.params)
+streamed_vs_memory = largest_difference(state.params, in_memory.params)
+print(f"plain streamed loop vs fit(StreamingDataset): largest difference {plain_vs_fit:.2e}")
+print(f"fit streamed vs fit in memory:               largest difference {streamed_vs_memory:.2e}")
+assert plain_vs_fit < 1e-6 and streamed_vs_memory < 1e-6
 print("test accuracy (streamed fit):", round(training.evaluate(state, images.x_test, images.y_test)["accuracy"], 4))
 
 # %% [markdown]
