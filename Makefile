@@ -28,7 +28,7 @@ install: $(STAMP)
 docs: $(STAMP)
 	mkdir -p runs/docs
 	for source in lesson/*.py; do \
-	  (cd lesson && ../$(VENV)/bin/jupytext --to ipynb --execute $$(basename $$source)) || exit 1; \
+	  (cd lesson && $(abspath $(VENV))/bin/jupytext --to ipynb --execute $$(basename $$source)) || exit 1; \
 	  $(VENV)/bin/jupyter nbconvert --to html --output-dir runs/docs $${source%.py}.ipynb || exit 1; \
 	done
 
