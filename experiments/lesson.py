@@ -100,7 +100,7 @@ SECTIONS = (
         title="2.1 A convolutional network on MNIST-style images",
         full=cnn_mnist.Config(steps_per_execution=64),
         quick=cnn_mnist.Config.quick(),
-        figures=("dataset", "test_accuracy", "train_samples_per_second", "compile_seconds"),
+        figures=("dataset", "dataset_source", "test_accuracy", "train_samples_per_second", "compile_seconds"),
         keras_result="cnn",
         model=lambda config: (
             models.CNN(num_classes=10, dtype=cnn_mnist.DTYPES[config.dtype]),
@@ -127,7 +127,7 @@ SECTIONS = (
         title="2.2 (further) Images read row by row: a real sequence task, and masking",
         full=rnn_sequences.RowsConfig(steps_per_execution=64),
         quick=rnn_sequences.RowsConfig.quick(),
-        figures=("dataset", "test_accuracy", "train_samples_per_second", "masking"),
+        figures=("dataset", "dataset_source", "test_accuracy", "train_samples_per_second", "masking"),
         model=lambda config: _rnn(config, num_classes=10, steps=28, features=28),
     ),
     Section(

@@ -100,6 +100,14 @@ def test_the_report_shows_the_notebooks_plain_jax_and_cites_keras_without_runnin
     assert "**Quick settings**" in report
 
 
+def test_the_report_says_where_an_image_sections_data_came_from(tmp_path):
+    sections = {s.key: s for s in lesson.SECTIONS}
+    result = _section_result(tmp_path, sections["cnn_mnist"])
+    result["metrics"] |= {"dataset": "digits", "dataset_source": "scikit-learn's bundled load_digits, 8x8 resized"}
+    report = lesson.write_report(tmp_path, {"cnn_mnist": result}, None, quick=True).read_text()
+    assert '| dataset_source | "scikit-learn\'s bundled load_digits, 8x8 resized" |' in report
+
+
 def test_a_figure_that_did_not_run_reads_as_a_dash_not_null():
     assert lesson._figure_rows({"masking": {"interrupted": None, "test_accuracy": 0.5}}, ("masking",)) == [
         ("masking.interrupted", "—"),
