@@ -3,6 +3,7 @@ committed .ipynb files hold the same cells as their sources."""
 
 import os
 import pathlib
+import sys
 
 import jupytext
 import nbclient
@@ -42,9 +43,11 @@ def test_notebook_runs(source, monkeypatch, tmp_path):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     notebook = jupytext.read(source)
+    notebook.cells.append(nbformat.v4.new_code_cell("import sys\nprint(sys.executable)"))
     client = nbclient.NotebookClient(
         notebook, kernel_name="python3", timeout=300, resources={"metadata": {"path": str(tmp_path)}}
     )
     client.execute()
     printed = [o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs]
     assert any("largest" in text and "difference" in text for text in printed)
+    assert printed[-1].strip() == sys.executable  # kernel python3 is this environment's Python
