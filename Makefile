@@ -1,5 +1,6 @@
-# The README's set-up commands: `make lesson` runs the whole lesson, `make test` the test suite, `make install`
-# only installs.
+# The README's set-up commands: `make docs` re-executes the lesson notebooks (lesson/) at the lesson's full settings
+# and renders each as an HTML page (runs/docs), `make lesson` runs the whole lesson's report, `make test` the test
+# suite, `make install` only installs.
 # Each makes the virtual environment $(VENV) with $(PYTHON) and installs the project into it on first use.
 #   PYTHON   the interpreter that makes the venv (default python3)
 #   VENV     the venv folder (default .venv; CI uses .venv-3.13 for its second Python)
@@ -12,7 +13,7 @@ comma := ,
 INSTALL_EXTRAS := test$(if $(EXTRAS),$(comma)$(EXTRAS))
 STAMP := $(VENV)/.installed-$(subst $(comma),+,$(INSTALL_EXTRAS))
 
-.PHONY: install lesson lint test benchmark clean
+.PHONY: install docs lesson lint test benchmark clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Each notebook's source is its jupytext percent script (lesson/*.py); executing writes the paired .ipynb with its
+# outputs (kernel python3: this venv's ipykernel), then nbconvert renders it with its plots inline.
+docs: $(STAMP)
+	mkdir -p runs/docs
+	for source in lesson/*.py; do \
+	  (cd lesson && $(abspath $(VENV))/bin/jupytext --to ipynb --execute $$(basename $$source)) || exit 1; \
+	  $(VENV)/bin/jupyter nbconvert --to html --output-dir runs/docs $${source%.py}.ipynb || exit 1; \
+	done
 
 lesson: $(STAMP)
 	$(PY) experiments/lesson.py --out runs/lesson

@@ -7,17 +7,15 @@
 Each section runs as its own process (a crash in one cannot take the others down) and writes into
 `OUT/<section>/`; `OUT/report.md` and `OUT/report.html` (the same report as one self-contained page, plots
 inline) are rewritten after every section, so an interrupted run keeps what finished. Each section's report
-shows its model's `summary.summary` table beside Keras's `model.summary()` total. The exit status is non-zero
-when any section failed.
+shows the lesson's Keras code and the same program in plain JAX, both read from the section's notebook in
+`lesson/` (the place to start reading), its model's `summary.summary` table beside Keras's `model.summary()`
+total, and its figures. The exit status is non-zero when any section failed.
 """
 
-import base64
 import dataclasses
 import functools
-import html
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -37,6 +35,7 @@ from experiments import (  # noqa: E402
     flags,
     keras_reference,
     mlp_iris,
+    report,
     rnn_sequences,
 )
 from experiments import streaming as streaming_experiment  # noqa: E402
@@ -45,15 +44,21 @@ from flaxlesson import models, summary  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Section:
-    """One lesson section: the configs of the script that ports it (full and quick), and what the report says."""
+    """One lesson section: the configs of the script that ports it (full and quick), and what the report says.
+
+    `notebook` is the section's notebook source (lesson/*.py), whose Keras block and plain JAX cells the report
+    shows; `note` says what the section runs where the lesson has no code of its own for it. `keras_cited` is the
+    figure the lesson's own Keras code gave when measured once (`KERAS_MACHINE`), shown unless Keras runs beside.
+    """
 
     key: str
     title: str
     full: Any
     quick: Any
-    keras: str
-    jax: str
     figures: tuple[str, ...]
+    notebook: str | None = None
+    note: str = ""
+    keras_cited: str = ""
     keras_result: str = ""
     env: tuple[tuple[str, str], ...] = ()
     model: Callable[[Any], tuple[Any, Any]] | None = None
@@ -71,17 +76,11 @@ def _rnn(config: Any, num_classes: int, steps: int, features: int) -> tuple[mode
 SECTIONS = (
     Section(
         key="mlp_iris",
+        notebook="lesson/1_1_mlp.py",
+        keras_cited="Keras: test accuracy 0.80 to 0.87 over 5 seeds (mean 0.827), 2.1 s per fit (`keras_rest.py mlp`).",
         title="1.1 A dense network on Iris",
         full=mlp_iris.Config(seeds=5, steps_per_execution="epoch"),
         quick=mlp_iris.Config.quick(),
-        keras="model = Sequential([Dense(10, activation='relu'), Dense(10, activation='relu'),\n"
-        "                    Dense(3, activation='softmax')])\n"
-        "model.compile(optimizer='adam', loss='sparse_categorical_crossentropy', metrics=['accuracy'])\n"
-        "model.fit(X_train, y_train, epochs=30, batch_size=10, validation_split=0.2)",
-        jax="state = training.create_train_state(models.MLP(num_classes=3), x_train[:1], seed=seed)\n"
-        "state, history = training.fit(state, x_train, y_train, epochs=30, batch_size=10,\n"
-        "                              validation_split=0.2, seed=seed)\n"
-        "y_pred = training.predict(state, x_test).argmax(axis=1)",
         figures=(
             "test_accuracy",
             "test_accuracy_min",
@@ -95,20 +94,13 @@ SECTIONS = (
     ),
     Section(
         key="cnn_mnist",
+        notebook="lesson/2_1_cnn.py",
+        keras_cited="Keras, on the full Fashion-MNIST: test accuracy 0.897 after 5 epochs of batch 64, "
+        "about 10,700 training samples/s (`keras_cnn.py`).",
         title="2.1 A convolutional network on MNIST-style images",
         full=cnn_mnist.Config(steps_per_execution=64),
         quick=cnn_mnist.Config.quick(),
-        keras="model = Sequential([Conv2D(32, (3, 3), activation='relu'), MaxPooling2D((2, 2)),\n"
-        "                    Conv2D(64, (3, 3), activation='relu'), MaxPooling2D((2, 2)),\n"
-        "                    Flatten(), Dense(128, activation='relu'), Dense(10, activation='softmax')])\n"
-        "model.fit(X_train, y_train, epochs=5, batch_size=64, validation_split=0.1)\n"
-        "loss, accuracy = model.evaluate(X_test, y_test)",
-        jax="images = data.load_images('auto')\n"
-        "state = training.create_train_state(models.CNN(), images.x_train[:1])\n"
-        "state, history = training.fit(state, images.x_train, images.y_train, epochs=5, batch_size=64,\n"
-        "                              validation_split=0.1)\n"
-        "result = training.evaluate(state, images.x_test, images.y_test)",
-        figures=("dataset", "test_accuracy", "train_samples_per_second", "compile_seconds"),
+        figures=("dataset", "dataset_source", "test_accuracy", "train_samples_per_second", "compile_seconds"),
         keras_result="cnn",
         model=lambda config: (
             models.CNN(num_classes=10, dtype=cnn_mnist.DTYPES[config.dtype]),
@@ -118,17 +110,10 @@ SECTIONS = (
     ),
     Section(
         key="rnn_lesson",
+        notebook="lesson/2_2_rnn.py",
         title="2.2 A SimpleRNN on padded sequences (the lesson's toy)",
         full=rnn_sequences.LessonConfig(steps_per_execution="epoch"),
         quick=rnn_sequences.LessonConfig.quick(),
-        keras="X = pad_sequences(X, padding='post', maxlen=5)\n"
-        "model = Sequential([SimpleRNN(50, activation='relu'), Dense(1, activation='sigmoid')])\n"
-        "model.compile(optimizer='adam', loss='binary_crossentropy', metrics=['accuracy'])\n"
-        "model.fit(X, y, epochs=10, batch_size=1)",
-        jax="x = data.pad_sequences(X, padding='post', maxlen=5)\n"
-        "state = training.create_train_state(models.SimpleRNNClassifier(50, num_classes=1), x[:1],\n"
-        "                                    loss='binary_crossentropy')\n"
-        "state, history = training.fit(state, x, y, epochs=10, batch_size=1)",
         figures=("padded_x", "predictions", "train_accuracy", "train_seconds"),
         keras_result="rnn",
         model=lambda config: _rnn(config, num_classes=1, steps=5, features=1),
@@ -136,42 +121,34 @@ SECTIONS = (
     ),
     Section(
         key="rnn_rows",
+        note="The lesson has no such example: a SimpleRNN(128, relu) reads each image as 28 steps of 28 pixels, "
+        "with `seq_lengths` (Flax's form of Keras's Masking layer) against padding; see "
+        "`experiments/rnn_sequences.py --task rows`, and the 2.2 notebook for `nn.RNN(nn.SimpleCell)` itself.",
         title="2.2 (further) Images read row by row: a real sequence task, and masking",
         full=rnn_sequences.RowsConfig(steps_per_execution=64),
         quick=rnn_sequences.RowsConfig.quick(),
-        keras="SimpleRNN(128, activation='relu') over 28 steps of 28 pixels; Keras's Masking layer skips padded steps",
-        jax="x = {'x': padded_rows, 'seq_lengths': lengths}   # nn.RNN(nn.SimpleCell(128), ...)(x, seq_lengths)\n"
-        "state, history = training.fit(state, x, y, epochs=10, batch_size=32, validation_split=0.1)",
-        figures=("dataset", "test_accuracy", "train_samples_per_second", "masking"),
+        figures=("dataset", "dataset_source", "test_accuracy", "train_samples_per_second", "masking"),
         model=lambda config: _rnn(config, num_classes=10, steps=28, features=28),
     ),
     Section(
         key="augmentation",
+        notebook="lesson/3_1_augmentation.py",
+        keras_cited="Keras's ImageDataGenerator, the lesson's options, 28x28x1, batch 256: 15,400 images/s "
+        "(`keras_rest.py aug`).",
         title="3.1 Data augmentation",
         full=augmentation.Config(),
         quick=augmentation.Config.quick(),
-        keras="datagen = ImageDataGenerator(rotation_range=20, width_shift_range=0.2, height_shift_range=0.2,\n"
-        "                             shear_range=0.2, zoom_range=0.2, horizontal_flip=True,\n"
-        "                             fill_mode='nearest')\n"
-        "batch = next(datagen.flow(x, batch_size=1))",
-        jax="config = augment.ImageDataGenerator(rotation_range=20, width_shift_range=0.2, height_shift_range=0.2,\n"
-        "                                    shear_range=0.2, zoom_range=0.2, horizontal_flip=True,\n"
-        "                                    fill_mode='nearest')\n"
-        "batch = jax.jit(augment.augment, static_argnums=2)(key, images, config)   # on the device",
         figures=("dataset", "images_per_second"),
         keras_result="aug",
     ),
     Section(
         key="distributed",
+        note="On a CPU the 8 devices are virtual: they share this machine's cores, so the sharded step is slower "
+        "than the one-device step here; the point is that both give the same parameters.",
+        notebook="lesson/3_2_distributed.py",
         title="3.2 Distributed training: data parallel over every device",
         full=distributed.Config(steps_per_execution="epoch"),
         quick=distributed.Config.quick(),
-        keras="strategy = tf.distribute.MirroredStrategy()\nwith strategy.scope():\n"
-        "    model = Sequential([Dense(64, activation='relu'), Dense(64, activation='relu'),\n"
-        "                        Dense(10, activation='softmax')])\n"
-        "model.fit(X, y, epochs=5, batch_size=32)",
-        jax="state, history = training.fit(state, x, y, epochs=5, batch_size=32, strategy='sharded')\n"
-        "# a 1-D Mesh over every device: params replicated, each batch split on its leading axis",
         figures=(
             "strategy",
             "num_devices",
@@ -190,15 +167,13 @@ SECTIONS = (
     ),
     Section(
         key="streaming",
+        note="The lesson's part 3 has no code of its own for data larger than memory. The streamed CNN trains on "
+        "augmented copies of the training set (`--copies`), so its test accuracy is below the in-memory CNN's, "
+        "which trains on the images as they are.",
+        notebook="lesson/3_large_datasets.py",
         title="3 (further) Datasets larger than memory: the CNN streamed from ArrayRecord shards",
         full=streaming_experiment.Config(),
         quick=streaming_experiment.Config.quick(),
-        keras="# Keras streams what does not fit in memory through tf.data:\n"
-        "dataset = tf.data.TFRecordDataset(files).map(parse).shuffle(10_000).batch(64).prefetch(AUTOTUNE)\n"
-        "model.fit(dataset, epochs=5)",
-        jax="shards.write_arrays(folder, images_uint8, labels)          # ArrayRecord shards + metadata.json\n"
-        "dataset = streaming.StreamingDataset(folder)                # read by grain as it trains\n"
-        "state, history = training.fit(state, dataset, epochs=5, batch_size=64)",
         figures=(
             "num_examples",
             "dataset_bytes",
@@ -278,7 +253,48 @@ def _has_accelerator() -> bool:
     return probe.stdout.strip() not in ("cpu", "")
 
 
+KERAS_MACHINE = (
+    "the lesson's own Keras code, measured once on a 2-core AMD EPYC (AVX-512) with 24 GiB, TensorFlow 2.21 "
+    "(the project's Keras `reference` folder)"
+)
+
+
+def _cells(source: str) -> list[tuple[str, str]]:
+    """A jupytext percent script's cells as (kind, text): 'markdown' text with its '# ' prefixes removed, or 'code'."""
+    cells = []
+    for chunk in source.split("\n# %%")[1:]:
+        marker, _, body = chunk.partition("\n")
+        if marker.strip() == "[markdown]":
+            cells.append(
+                ("markdown", "\n".join(line[2:] if line.startswith("# ") else "" for line in body.split("\n")))
+            )
+        else:
+            cells.append(("code", body.strip()))
+    return cells
+
+
+def notebook_excerpts(notebook: str) -> tuple[str, str]:
+    """The lesson's Keras code ('' where it has none) and the plain JAX program of a notebook source.
+
+    The plain program is the code cells from the first '## ' heading to '## The same in flaxlesson'.
+    """
+    cells = _cells((ROOT / notebook).read_text())
+    keras, plain, after_keras = "", [], False
+    for kind, text in cells:
+        if kind == "markdown" and text.lstrip().startswith("## The lesson's Keras code"):
+            keras, after_keras = text.split("```python\n", 1)[1].split("```", 1)[0].rstrip(), True
+        elif kind == "markdown" and text.lstrip().startswith("## The same in flaxlesson"):
+            break
+        elif kind == "markdown" and text.lstrip().startswith("## "):
+            after_keras = True
+        elif kind == "code" and after_keras:
+            plain.append(text)
+    return keras, "\n\n".join(plain)
+
+
 def _figure(value) -> str:
+    if value is None:
+        return "—"
     if isinstance(value, float):
         return f"{value:,.4g}" if abs(value) < 1000 else f"{value:,.0f}"
     return json.dumps(value)
@@ -324,19 +340,20 @@ def _summary_blocks(section: Section, model: dict | None) -> list[tuple]:
 
 
 def report_blocks(results: dict[str, dict], keras: keras_reference.KerasRun | None, quick: bool) -> list[tuple]:
-    """The report as blocks, which render as Markdown and as HTML.
-
-    Blocks: ('h1'|'h2', text, anchor), ('p', text), ('code', text, language), ('table', header, rows), ('image',
-    name, path relative to the report). Texts use Markdown's inline forms (`code`, **bold**, [link](#anchor)).
-    """
+    """The report as `report` blocks, which render as Markdown and as HTML."""
     blocks: list[tuple] = [
         ("h1", "The lesson, run end to end" + (" (quick settings)" if quick else ""), None),
         (
             "p",
-            "Each section: the Keras code it replaces, the JAX/Flax code that replaced it, its model, its figures "
-            "and plots. Figures come from each section's `metrics.json`; the command re-runs that section alone.",
+            "Start with the notebooks in `lesson/` (one per section, README's first screen): each shows the lesson's "
+            "Keras code, the same program in plain JAX with its output, the same in flaxlesson, and a check that both "
+            "give the same parameters. This report runs each section's script: the Keras code, the plain JAX from "
+            "the notebook, its model, its figures and plots. Figures come from each section's `metrics.json`; the "
+            "command re-runs that section alone.",
         ),
     ]
+    if quick:
+        blocks.append(("p", "**Quick settings**: tiny data and few epochs, so no figure here compares with Keras's."))
     ran = [section for section in SECTIONS if section.key in results]
     blocks.append(
         (
@@ -350,14 +367,15 @@ def report_blocks(results: dict[str, dict], keras: keras_reference.KerasRun | No
     )
     for section in ran:
         r = results[section.key]
-        blocks += [
-            ("h2", section.title, section.key),
-            ("p", f"`{r['command']}` ({r['seconds']:.1f} s, {_status(r)})"),
-            ("p", "Keras:"),
-            ("code", section.keras, "python"),
-            ("p", "JAX/Flax:"),
-            ("code", section.jax, "python"),
-        ]
+        blocks += [("h2", section.title, section.key), ("p", f"`{r['command']}` ({r['seconds']:.1f} s, {_status(r)})")]
+        if section.note:
+            blocks.append(("p", section.note))
+        if section.notebook:
+            keras_code, plain = notebook_excerpts(section.notebook)
+            notebook = section.notebook.removesuffix(".py") + ".ipynb"
+            if keras_code:
+                blocks += [("p", "The lesson's Keras code:"), ("code", keras_code, "python")]
+            blocks += [("p", f"The same in plain JAX (from `{notebook}`, which runs it):"), ("code", plain, "python")]
         if not r["ok"]:
             blocks += [("p", "**This section failed.** The end of its output:"), ("code", r["error"], "")]
         blocks += _summary_blocks(section, r.get("summary"))
@@ -369,113 +387,23 @@ def report_blocks(results: dict[str, dict], keras: keras_reference.KerasRun | No
                 ("p", "Keras reference, same machine, same sitting:"),
                 ("code", keras.lines[section.keras_result], ""),
             ]
+        elif section.keras_cited:
+            said = " These quick settings do not compare with it." if quick else ""
+            blocks.append(("p", f"{section.keras_cited} That is {KERAS_MACHINE}.{said}"))
         blocks += [("image", name, f"{section.key}/{name}") for name in r["plots"]]
     if keras is not None and keras.errors:
         blocks += [("h2", "Keras reference errors", None), ("code", keras.errors, "")]
     return blocks
 
 
-def _markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def render_markdown(blocks: list[tuple]) -> str:
-    """The report's blocks as Markdown."""
-    parts = []
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2"):
-            text, anchor = rest
-            heading = ("# " if kind == "h1" else "## ") + text
-            parts.append(f'<a id="{anchor}"></a>\n{heading}' if anchor else heading)
-        elif kind == "p":
-            parts.append(rest[0])
-        elif kind == "code":
-            text, language = rest
-            parts.append(f"```{language}\n{text}\n```")
-        elif kind == "table":
-            parts.append(_markdown_table(*rest))
-        elif kind == "image":
-            parts.append(f"![{rest[0]}]({rest[1]})")
-    return "\n\n".join(parts) + "\n"
-
-
-_LINK = re.compile(r"\[([^\]]+)\]\(([^)\s]+)\)")
-_BOLD = re.compile(r"\*\*(.+?)\*\*")
-
-_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
-pre { background: #f5f5f5; padding: 0.8em; overflow-x: auto; border-radius: 4px; }
-code { font-family: ui-monospace, monospace; font-size: 0.9em; }
-table { border-collapse: collapse; margin: 0.8em 0; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.7em; text-align: left; }
-th { background: #eee; }
-img { max-width: 100%; border: 1px solid #ddd; }
-figure { margin: 1em 0; }
-figcaption { color: #666; font-size: 0.85em; }
-"""
-
-
-def _inline_html(text: str) -> str:
-    """Markdown's inline forms used in the report (`code`, **bold**, [text](#anchor)) as HTML, the rest escaped."""
-    parts = text.split("`")
-    for i, part in enumerate(parts):
-        part = html.escape(part)
-        if i % 2:
-            parts[i] = f"<code>{part}</code>"
-        else:
-            parts[i] = _LINK.sub(r'<a href="\2">\1</a>', _BOLD.sub(r"<strong>\1</strong>", part))
-    return "".join(parts)
-
-
-def render_html(blocks: list[tuple], folder: Path) -> str:
-    """The report's blocks as one self-contained HTML page: the plots (read from `folder`) inline as base64 PNGs."""
-    title = next(rest[0] for kind, *rest in blocks if kind == "h1")
-    body = []
-    for kind, *rest in blocks:
-        if kind in ("h1", "h2"):
-            text, anchor = rest
-            attribute = f' id="{anchor}"' if anchor else ""
-            body.append(f"<{kind}{attribute}>{html.escape(text)}</{kind}>")
-        elif kind == "p":
-            body.append(f"<p>{_inline_html(rest[0])}</p>")
-        elif kind == "code":
-            body.append(f"<pre><code>{html.escape(rest[0])}</code></pre>")
-        elif kind == "table":
-            header, rows = rest
-            head = "".join(f"<th>{_inline_html(cell)}</th>" for cell in header)
-            cells = ["".join(f"<td>{_inline_html(cell)}</td>" for cell in row) for row in rows]
-            body.append(f"<table><tr>{head}</tr>" + "".join(f"<tr>{row}</tr>" for row in cells) + "</table>")
-        elif kind == "image":
-            name, relative = rest
-            path = folder / relative
-            if path.exists():
-                data = base64.b64encode(path.read_bytes()).decode("ascii")
-                body.append(
-                    f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(name)}">'
-                    f"<figcaption>{html.escape(relative)}</figcaption></figure>"
-                )
-    return (
-        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
-        f"<style>{_STYLE}</style>\n</head>\n<body>\n" + "\n".join(body) + "\n</body>\n</html>\n"
-    )
-
-
-def _write(path: Path, text: str) -> None:
-    """Replace `path` with `text` at once, so a reader never sees half a report."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_report(out: Path, results: dict[str, dict], keras: keras_reference.KerasRun | None, quick: bool) -> Path:
     """`out/report.md` and `out/report.html`, the same report; returns the Markdown one's path.
 
-    Per section: the Keras call, its JAX/Flax replacement, the model's summary, figures, plots and seconds.
+    Per section: the Keras code, the plain JAX of its notebook, the model's summary, figures, plots and seconds.
     """
     blocks = report_blocks(results, keras, quick)
-    _write(out / "report.md", render_markdown(blocks))
-    _write(out / "report.html", render_html(blocks, out))
+    report.write_atomically(out / "report.md", report.render_markdown(blocks))
+    report.write_atomically(out / "report.html", report.render_html(blocks, out))
     return out / "report.md"
 
 

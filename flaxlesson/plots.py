@@ -15,18 +15,28 @@ from flaxlesson.training import History  # noqa: E402
 
 
 def history_curves(history: History, path: str | os.PathLike, title: str = "") -> None:
-    """Loss and accuracy per epoch, training and validation side by side, as Keras's History holds them."""
+    """Loss and accuracy per epoch, training and validation side by side, as Keras's History holds them.
+
+    A fit of one epoch has no curve: each panel then shows that epoch's values as labelled bars from zero.
+    """
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     epochs = [e + 1 for e in history.epoch]
     for ax, metric in zip(axes, ("loss", "accuracy")):
-        for key, style in ((metric, "o-"), (f"val_{metric}", "s--")):
-            if key in history.history:
+        keys = [key for key in (metric, f"val_{metric}") if key in history.history]
+        if len(epochs) == 1:
+            values = [history.history[key][0] for key in keys]
+            bars = ax.bar(keys, values, color=["C0", "C1"][: len(keys)])
+            ax.bar_label(bars, fmt="%.4f")
+            ax.set_ylim(0, max(values, default=1.0) * 1.2 or 1.0)
+            ax.set_title(f"{metric} after the one epoch")
+        else:
+            for key, style in zip(keys, ("o-", "s--")):
                 ax.plot(epochs, history.history[key], style, label=key)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_title(metric)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            ax.set_title(metric)
+            ax.legend()
         ax.grid(alpha=0.3)
-        ax.legend()
     if title:
         fig.suptitle(title)
     fig.tight_layout()

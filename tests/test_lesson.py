@@ -85,3 +85,31 @@ def test_the_html_report_is_one_page_with_the_plots_inline(tmp_path):
     assert '<h2 id="cnn_mnist">2.1 A convolutional network on MNIST-style images</h2>' in page
     assert '<a href="#cnn_mnist">' in page and "<td>225,034</td>" not in page and "<strong>225,034</strong>" in page
     assert "<code>experiments/cnn_mnist.py --quick</code>" in page
+
+
+def test_the_report_shows_the_notebooks_plain_jax_and_cites_keras_without_running_it(tmp_path):
+    sections = {s.key: s for s in lesson.SECTIONS}
+    results = {"cnn_mnist": _section_result(tmp_path, sections["cnn_mnist"])}
+    report = lesson.write_report(tmp_path, results, None, quick=True).read_text()
+    cnn = report.split('<a id="cnn_mnist"></a>')[1]
+    assert "Conv2D(32, kernel_size=(3, 3), activation='relu', input_shape=(28, 28, 1))," in cnn
+    assert "from `lesson/2_1_cnn.ipynb`, which runs it" in cnn
+    assert 'nn.Conv(32, (3, 3), padding="VALID", **keras_init)' in cnn and "jax.value_and_grad(loss_fn" in cnn
+    assert "training.fit(" not in cnn
+    assert "test accuracy 0.897" in cnn and "TensorFlow 2.21" in cnn and "do not compare with it" in cnn
+    assert "**Quick settings**" in report
+
+
+def test_the_report_says_where_an_image_sections_data_came_from(tmp_path):
+    sections = {s.key: s for s in lesson.SECTIONS}
+    result = _section_result(tmp_path, sections["cnn_mnist"])
+    result["metrics"] |= {"dataset": "digits", "dataset_source": "scikit-learn's bundled load_digits, 8x8 resized"}
+    report = lesson.write_report(tmp_path, {"cnn_mnist": result}, None, quick=True).read_text()
+    assert '| dataset_source | "scikit-learn\'s bundled load_digits, 8x8 resized" |' in report
+
+
+def test_a_figure_that_did_not_run_reads_as_a_dash_not_null():
+    assert lesson._figure_rows({"masking": {"interrupted": None, "test_accuracy": 0.5}}, ("masking",)) == [
+        ("masking.interrupted", "—"),
+        ("masking.test_accuracy", "0.5"),
+    ]
