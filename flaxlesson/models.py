@@ -5,7 +5,7 @@ output layer would give. Keras initialises Dense and Conv2D kernels glorot_unifo
 same is done here to keep accuracy comparable.
 
 Every model takes `dtype`, the computation dtype, as Flax's layers do: `jnp.bfloat16` is Keras's
-`mixed_bfloat16` policy (layers compute in bfloat16, params stay float32, and `steps.forward` casts the logits
+`mixed_bfloat16` policy (layers compute in bfloat16, params stay float32, and `core.forward` casts the logits
 to float32 before the loss, so the loss, gradients and optimiser state stay float32). None computes in float32.
 """
 

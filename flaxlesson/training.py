@@ -289,11 +289,6 @@ def fit(
     layout = _layout(train, batch_size, strategy)
     steps_in_epoch = layout.steps if steps_per_epoch is None else min(layout.steps, steps_per_epoch)
     n = min(train.num_examples, steps_in_epoch * batch_size)
-    if initial_step and not (initial_epoch < epochs and initial_step < steps_in_epoch):
-        raise ValueError(
-            f"initial_step must be below the {steps_in_epoch} steps of an epoch, and 0 when no epoch is left to "
-            f"train (initial_epoch={initial_epoch}, epochs={epochs}), got {initial_step}"
-        )
     executor = Executor(strategy, steps_per_execution, steps_in_epoch)
     preemption_service = _preemption_service_on(strategy)
     signals = (signal.SIGINT,) if preemption_service else (signal.SIGINT, signal.SIGTERM)
@@ -330,6 +325,12 @@ def fit(
             callback.set_params(params)
         for callback in callbacks:
             callback.on_train_begin(strategy.unreplicate(state))
+        # After on_train_begin, so that a checkpoint of other data settings is refused for what changed.
+        if initial_step and not (initial_epoch < epochs and initial_step < steps_in_epoch):
+            raise ValueError(
+                f"initial_step must be below the {steps_in_epoch} steps of an epoch, and 0 when no epoch is left to "
+                f"train (initial_epoch={initial_epoch}, epochs={epochs}), got {initial_step}"
+            )
         state, history = _epochs(run, state, history, range(initial_epoch, epochs), initial_step, seed, shuffle, n)
     return strategy.unreplicate(state), history
 

@@ -80,6 +80,25 @@ def _run(start, *callbacks, **kwargs):
     )
 
 
+@pytest.mark.parametrize(
+    "settings, changed",
+    [({"batch_size": 4}, r"batch_size 6 -> 4"), ({"validation_split": 0.3}, r"validation_split 0.0 -> 0.3")],
+)
+def test_a_fit_resumed_with_other_data_settings_is_refused_in_one_line(tmp_path, settings, changed):
+    _run(_start(tmp_path), StopAt(1, 3))
+    start = _start(tmp_path, resume=True)
+    with pytest.raises(checkpoint.CheckpointError, match=changed):
+        training.fit(
+            start.state,
+            X,
+            Y,
+            **{"epochs": EPOCHS, "batch_size": BATCH, "seed": SEED, "verbose": 0, **settings},
+            callbacks=start.callbacks,
+            initial_epoch=start.initial_epoch,
+            initial_step=start.initial_step,
+        )
+
+
 @pytest.mark.parametrize("steps_per_execution, save_freq, stop", [(1, 2, (1, 3)), (3, 4, (1, 6))])
 def test_a_fit_stopped_mid_epoch_resumes_to_the_uninterrupted_params_bit_for_bit(
     tmp_path, steps_per_execution, save_freq, stop

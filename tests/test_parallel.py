@@ -80,9 +80,9 @@ def test_sharded_compiles_the_cores_train_step_once(caplog):
     assert len(compiles) == 1
 
 
-def _stacked(batch, steps=2):
-    """`steps` copies of one step's inputs on a leading steps axis, as `fit` places them."""
-    return jax.tree.map(lambda a: np.stack([a] * steps), batch)
+def _stacked(batch, count=2):
+    """`count` copies of one step's inputs on a leading steps axis, as `fit` places them."""
+    return jax.tree.map(lambda a: np.stack([a] * count), batch)
 
 
 def test_sharded_batch_rows_are_split_over_devices():
