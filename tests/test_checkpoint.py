@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 import os
@@ -11,6 +12,11 @@ from jax.sharding import NamedSharding
 
 from flaxlesson import checkpoint, models, training
 from flaxlesson.resume import resume_or_start
+
+
+def _where(position):
+    """A saved position without its data layout: epoch, step and seed."""
+    return dataclasses.replace(position, layout=None)
 
 
 def _toy(n=40, seed=0):
@@ -78,7 +84,7 @@ def test_saved_on_one_device_resumes_on_eight(tmp_path):
 def test_a_checkpoint_is_written_every_epoch_keeping_the_newest(tmp_path):
     _fit(_state(), 3, callbacks=[checkpoint.ModelCheckpoint(tmp_path, _state(), max_to_keep=2)])
     assert checkpoint.steps(tmp_path) == [8, 12]  # 4 steps an epoch
-    assert checkpoint.latest_position(tmp_path) == checkpoint.Position(epoch=3, step=0, seed=0)
+    assert _where(checkpoint.latest_position(tmp_path)) == checkpoint.Position(epoch=3, step=0, seed=0)
 
 
 def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -246,7 +252,7 @@ def _saved_with_layout(directory):
 
 def test_the_data_position_holds_the_fits_layout(tmp_path):
     _saved_with_layout(tmp_path)
-    assert checkpoint.latest_position(tmp_path) == checkpoint.Position(0, 0, 0, LAYOUT)
+    assert _where(checkpoint.latest_position(tmp_path)) == checkpoint.Position(0, 0, 0, LAYOUT)
 
 
 def test_a_resume_with_the_same_layout_begins(tmp_path):
