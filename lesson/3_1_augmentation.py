@@ -94,7 +94,7 @@ def affine(image, theta=0.0, tx=0.0, ty=0.0, shear=0.0, zx=1.0, zy=1.0):
     """One (rows, cols, channels) image through Keras's affine map: bilinear, 'nearest' outside."""
     rows, cols, channels = image.shape
     matrix = keras_matrix(theta, tx, ty, shear, zx, zy, rows, cols)
-    grid = jnp.stack(jnp.meshgrid(jnp.arange(rows), jnp.arange(cols), indexing="ij") + [jnp.ones((rows, cols))])
+    grid = jnp.stack([*jnp.meshgrid(jnp.arange(rows), jnp.arange(cols), indexing="ij"), jnp.ones((rows, cols))])
     source = jnp.einsum("ij,jrc->irc", matrix, grid.astype(jnp.float32))[:2]  # where each output pixel reads
     sample = lambda ch: map_coordinates(image[..., ch], list(source), order=1, mode="nearest")  # noqa: E731
     return jnp.stack([sample(ch) for ch in range(channels)], axis=-1)
