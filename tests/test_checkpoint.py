@@ -252,7 +252,7 @@ def _saved_with_layout(directory):
 
 def test_the_data_position_holds_the_fits_layout(tmp_path):
     _saved_with_layout(tmp_path)
-    assert _where(checkpoint.latest_position(tmp_path)) == checkpoint.Position(0, 0, 0, LAYOUT)
+    assert checkpoint.latest_position(tmp_path) == checkpoint.Position(0, 0, 0, LAYOUT)
 
 
 def test_a_resume_with_the_same_layout_begins(tmp_path):
