@@ -51,13 +51,8 @@ def int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def steps_per_execution(text: str) -> int | str:
-    """Keras's steps_per_execution: a positive integer, or 'epoch' for a whole epoch per compiled call."""
-    return "epoch" if text == "epoch" else _number(text, int, "a positive integer or 'epoch'", lambda v: v >= 1)
-
-
-def save_freq(text: str) -> int | str:
-    """Keras's save_freq: a positive number of train steps between checkpoints, or 'epoch'."""
+def count_or_epoch(text: str) -> int | str:
+    """A positive number of train steps, or 'epoch': Keras's steps_per_execution and save_freq."""
     return "epoch" if text == "epoch" else _number(text, int, "a positive integer or 'epoch'", lambda v: v >= 1)
 
 
@@ -125,12 +120,12 @@ SHARED: dict[str, Flag] = {
     "seed": Flag("seeds the initialisation and the shuffling", non_negative_int),
     "checkpoint_dir": Flag("save the train state and data position here (every --save-freq steps), for --resume"),
     "resume": Flag("continue from the newest good checkpoint in --checkpoint-dir, mid-epoch included", None),
-    "save_freq": Flag("train steps between checkpoints in --checkpoint-dir, or 'epoch'", save_freq),
+    "save_freq": Flag("train steps between checkpoints in --checkpoint-dir, or 'epoch'", count_or_epoch),
     "out": Flag("folder for metrics.json and the plots"),
     "save_model": Flag("save the trained model in this folder (saving.save_model; experiments/predict.py reads it)"),
     "steps_per_execution": Flag(
         "training steps per compiled call (lax.scan), or 'epoch'; the update is the same for every value",
-        steps_per_execution,
+        count_or_epoch,
     ),
 }
 
