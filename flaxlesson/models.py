@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlesson import layers
+from flaxlesson.layers import glorot_uniform
 
-glorot_uniform = nn.initializers.glorot_uniform()
 orthogonal = nn.initializers.orthogonal()
 
 
