@@ -136,11 +136,12 @@ def iterate_batches(
     """
     layout = Layout(num_examples(x), batch_size, pad_multiple, process_index, process_count)
     order = epoch_order(layout.num_examples, seed=seed, epoch=epoch, shuffle=shuffle)
+    y = None if y is None else np.asarray(y)
     for step in range(start_step, layout.steps):
         rows, mask = layout.step_rows(order, step)
         batch = {"x": take(x, rows), "mask": mask}
         if y is not None:
-            batch["y"] = np.asarray(y)[rows]
+            batch["y"] = y[rows]
         yield batch
 
 

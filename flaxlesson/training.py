@@ -71,9 +71,7 @@ def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
         leaf = np.asarray(leaf)
         if np.issubdtype(leaf.dtype, np.floating) and not np.all(np.isfinite(leaf)):
             raise ValueError("x: inputs must be finite, found NaN or infinity")
-    n = batching.num_examples(x)
-    if n == 0:
-        raise ValueError("x: no samples")
+    n = batching.num_examples(x)  # at least 1: `_checked` refused an empty source
     sample = jax.tree.map(lambda a: np.asarray(a)[:1], x)
     try:
         out = jax.eval_shape(lambda: core.forward(state, state.params, sample))
@@ -309,20 +307,22 @@ def fit(
             val_executor = Executor(strategy, steps_per_execution, val_layout.steps)
             val_call = val_executor.eval_call(make_eval_step(state.loss, axis_name=strategy.axis_name))
             run.validation = (held_out, val_layout, val_executor, val_call)
-        # What a checkpoint's data position depends on: the data, how it is split and batched, and by how many.
-        data_layout = {
-            "num_examples": given.num_examples,
-            "batch_size": batch_size,
-            "validation_split": float(validation_split),
-            "shuffle": bool(shuffle),
-            "seed": seed,
-            "steps_per_epoch": steps_in_epoch,
-            "process_count": strategy.process_count,
-            "data": sources.fingerprint(train),
-        }
-        params = {"epochs": epochs, "steps": steps_in_epoch, "samples": n, "verbose": verbose, "layout": data_layout}
-        for callback in callbacks:
-            callback.set_params(params)
+        if callbacks:
+            # What a checkpoint's data position depends on: the data, how it is split and batched, and by how many
+            # (the fingerprint reads rows, so only when a callback will look).
+            data_layout = {
+                "num_examples": given.num_examples,
+                "batch_size": batch_size,
+                "validation_split": float(validation_split),
+                "shuffle": bool(shuffle),
+                "seed": seed,
+                "steps_per_epoch": steps_in_epoch,
+                "process_count": strategy.process_count,
+                "data": sources.fingerprint(train),
+            }
+            params = {"epochs": epochs, "steps": steps_in_epoch, "samples": n, "verbose": verbose}
+            for callback in callbacks:
+                callback.set_params({**params, "layout": data_layout})
         for callback in callbacks:
             callback.on_train_begin(strategy.unreplicate(state))
         # After on_train_begin, so that a checkpoint of other data settings is refused for what changed.
