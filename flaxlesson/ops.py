@@ -16,30 +16,9 @@ fast form                       plain form
 
 Layouts are Flax's: images NHWC, kernels HWIO (kh, kw, in, out).
 
-Why these forms are faster on XLA:CPU (jax 0.10, measured on the project's 2-core machine):
-
-* The gradient of ``nn.max_pool`` is XLA's ``select_and_scatter``, which XLA:CPU runs as a slow
-  scalar loop (the first pooling layer's gradient alone, at batch 64, took longer than the whole
-  fast train step). Here the pooling
-  windows are taken as strided slices, the max and the first argmax come out of one variadic
-  reduce, and the gradient is a broadcast-compare against that argmax: elementwise work that
-  XLA fuses.
-* Ties: ``select_and_scatter`` gives a window's whole gradient to the FIRST maximal element in
-  row-major window order; so does ``max_pool`` here. (Writing the pool as ``reshape`` + ``max``
-  instead lets JAX's ``reduce_max`` rule split the gradient equally among tied elements, which
-  differs from ``nn.max_pool`` exactly at ties, e.g. windows of equal post-ReLU values.)
-* ``conv2d_max_pool`` with a 3x3 kernel and a 2x2 pool computes only the conv outputs the
-  (floored) pool reads, one 2x2 output tile per pooling window. For more than a few input
-  channels it uses Winograd's F(2x2, 3x3) transform: 16 small matmuls of (tiles, C) @ (C, F)
-  instead of one (4 * tiles, 9C) @ (9C, F): 2.25x fewer multiplies in the forward pass, the
-  input gradient and the kernel gradient. For one input channel (the first layer) it is a direct
-  9-tap multiply-add that XLA fuses with the pooling.
-* ``jax.custom_vjp`` fixes the backward passes, so that XLA:CPU never sees the forms it runs
-  slowly (select_and_scatter, transposed-operand convolutions) and so that cheap elementwise
-  producers are not recomputed inside every consumer (XLA:CPU fuses a cheap producer into each of
-  its consumers, and ``lax.optimization_barrier`` does not stop it there). Residuals that many
-  consumers read are therefore made by ops XLA does not fuse into consumers: a variadic reduce
-  (max + argmax) and matmuls.
+They exist because XLA:CPU runs the plain forms' gradients slowly (``select_and_scatter``, transposed
+convolutions); how each fast form avoids that, and what it measured, is in the README ("Why the CNN has its own
+ops on a CPU"). ``jax.custom_vjp`` gives each its backward pass.
 
 Winograd's transforms add rounding: values and gradients match the direct convolution to about
 1e-6 relative in float32 (tests/test_ops.py checks 1e-5).
