@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flaxlesson import checkpoint, core, models, saving, training
+from flaxlesson.callbacks import EarlyStopping
 from flaxlesson.resume import resume_or_start
 
 MOMENTUM = 0.99  # models.BatchNorm's, Keras's
@@ -157,3 +158,29 @@ def test_the_cnn_with_batchnorm_and_dropout_trains_and_predicts_deterministicall
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert checkpoint.fingerprint(trained.batch_stats) != checkpoint.fingerprint(state.batch_stats)
     np.testing.assert_array_equal(training.predict(trained, x), training.predict(trained, x))
+
+
+def test_early_stopping_restores_the_best_epochs_statistics_with_its_params():
+    x, y = _data(24)
+    scores = [1.0, 5.0, 6.0]  # the first epoch is the best
+    score = training.LambdaCallback(on_epoch_end=lambda epoch, logs, state: logs.update(score=scores[epoch]))
+    settings = {"batch_size": 8, "seed": 1, "verbose": 0}
+    restored, _ = training.fit(
+        _state(),
+        x,
+        y,
+        epochs=3,
+        callbacks=[score, EarlyStopping("score", patience=5, mode="min", restore_best_weights=True)],
+        **settings,
+    )
+    best, _ = training.fit(_state(), x, y, epochs=1, **settings)
+    assert checkpoint.fingerprint(restored.batch_stats) == checkpoint.fingerprint(best.batch_stats)
+    assert checkpoint.fingerprint(restored.params) == checkpoint.fingerprint(best.params)
+
+
+def test_the_exported_predict_normalises_by_the_running_averages(tmp_path):
+    x, y = _data(24)
+    state, _ = training.fit(_state(), x, y, batch_size=8, verbose=0)
+    path = saving.export(tmp_path / "net.jax", state, x[:1], platforms=("cpu",))
+    exported = jax.export.deserialize(path.read_bytes())
+    np.testing.assert_allclose(np.asarray(exported.call(x[:5])), training.predict(state, x[:5]), rtol=1e-6, atol=1e-7)
