@@ -241,12 +241,13 @@ def train_forward(state: TrainState, params: Any, x: Any, mask: jax.Array, key: 
     """(logits, new batch_stats) in training mode: what `forward` is for inference, for a model that takes `train`.
 
     `train=True`, `key` as the 'dropout' key, the row `mask` for a model that takes `mask`, and 'batch_stats'
-    mutable when the model has them. A model without `train` is run exactly as `forward` runs it.
+    mutable when the model has them. A model with neither `train` nor batch_stats is run exactly as `forward` runs it.
     """
     model = getattr(state, "model", None)
-    if not takes(model, "train"):
+    if not (takes(model, "train") or state.batch_stats):
         return forward(state, params, x), state.batch_stats
-    extra = {"train": True, **({"mask": mask} if takes(model, "mask") else {})}
+    extra = {"train": True} if takes(model, "train") else {}
+    extra |= {"mask": mask} if takes(model, "mask") else {}
     mutable = ["batch_stats"] if state.batch_stats else False
 
     def apply(inputs: jax.Array, **kw: Any) -> Any:
