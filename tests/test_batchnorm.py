@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxlesson import checkpoint, core, models, saving, training
+from flaxlesson import checkpoint, core, launch, models, saving, training
 from flaxlesson.callbacks import EarlyStopping
 from flaxlesson.resume import resume_or_start
 
@@ -66,6 +66,33 @@ def test_running_statistics_are_those_of_the_real_rows_of_the_global_batch(strat
     )
     mean, var = _by_hand(x, 16)
     stats = jax.device_get(state.batch_stats["BatchNorm_0"])
+    np.testing.assert_allclose(stats["mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], var, rtol=1e-5, atol=1e-6)
+
+
+# One process of two, 4 CPU devices each: the fit above, whose process 0 writes the statistics to argv[2].
+WORKER = """
+import sys
+import numpy as np
+from flaxlesson import parallel
+parallel.initialize()
+import jax
+from tests.test_batchnorm import _data, _state
+from flaxlesson import training
+x, y = _data(29)
+state, _ = training.fit(_state(), x, y, batch_size=16, shuffle=False, verbose=0, strategy=sys.argv[1])
+stats = jax.device_get(state.batch_stats["BatchNorm_0"])
+if jax.process_index() == 0:
+    np.savez(sys.argv[2], mean=stats["mean"], var=stats["var"])
+"""
+
+
+@pytest.mark.parametrize("strategy", ["sharded", "pmap"])
+def test_two_processes_average_the_statistics_over_the_global_batch(strategy, tmp_path):
+    # Each process reads half of each global batch of 16: in the second, process 1 holds 5 real rows, 3 padding.
+    launch.launch_local(["-c", WORKER, strategy, str(tmp_path / "stats.npz")], 2, devices_per_process=4, timeout=180)
+    stats = np.load(tmp_path / "stats.npz")
+    mean, var = _by_hand(_data(29)[0], 16)
     np.testing.assert_allclose(stats["mean"], mean, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(stats["var"], var, rtol=1e-5, atol=1e-6)
 
