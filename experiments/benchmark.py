@@ -2,10 +2,12 @@
 
     python experiments/benchmark.py --out runs/benchmark
     python experiments/benchmark.py --keras-python /tmp/keras-ref/bin/python --out runs/benchmark
+    python experiments/benchmark.py --steps-only --steps 20 --repeats 3 --out runs/benchmark_steps
 
 Two kinds of figure. Steps: compile seconds, train and eval samples/s of the bare jitted step at the lesson's
 batch size (MLP 10, CNN 64, RNN 1), one batch resident on the device; the CNN also in its plain
-nn.Conv + nn.max_pool form, to show what the fast conv + pool layer gains. Lesson fits: each section's own recipe
+nn.Conv + nn.max_pool form, to show what the fast conv + pool layer gains, and with BatchNorm and Dropout
+(`models.CNNBatchNorm`, the cost of the batch statistics and the dropout masks). Lesson fits: each section's own recipe
 timed end to end as Keras's `fit` is (compile, host batching and validation included): the MLP's 30 epochs on
 Iris, the RNN's 10 epochs on the toy, the CNN's 5 epochs on the image data; and the CNN's last epoch alone
 (training samples/s once compiled; Keras's from the ms/step it prints). Also augmentation images/s and peak
@@ -96,6 +98,7 @@ def bench_lesson_steps(steps: int, repeats: int) -> dict:
         ),
         "cnn": bench_steps(models.CNN(), images, classes, sparse, steps, repeats),
         "cnn_plain": bench_steps(models.CNN(fast=False), images, classes, sparse, steps, repeats),
+        "cnn_bn": bench_steps(models.CNNBatchNorm(), images, classes, sparse, steps, repeats),
         "rnn": bench_steps(
             models.SimpleRNNClassifier(50, num_classes=1),
             rng.integers(0, 10, (1, 5)),
@@ -299,6 +302,7 @@ class Config(flags.Config):
         "keras_python": flags.Flag("a Python with TensorFlow/Keras, to run the reference alongside"),
         "sweep": flags.Flag("also time every model's fit at steps_per_execution 1, 8, 64 and 'epoch'", None),
         "callbacks": flags.Flag("also time the CNN's fit with checkpoints every 100 steps and TensorBoard", None),
+        "steps_only": flags.Flag("time only the bare steps of each model (no augmentation, no lesson fits)", None),
     }
 
     steps: int = 50
@@ -308,6 +312,7 @@ class Config(flags.Config):
     keras_python: str | None = None
     sweep: bool = False
     callbacks: bool = False
+    steps_only: bool = False
     out: str = "runs/benchmark"
 
     @classmethod
@@ -326,25 +331,31 @@ def run(config: Config) -> dict:
         metrics["steps"] = bench_lesson_steps(config.steps, config.repeats)
         for name, figures in metrics["steps"].items():
             print(f"{name} step: " + ", ".join(f"{k} {v:,.2f}" for k, v in figures.items()), flush=True)
-        images = np.random.default_rng(0).random((256, 28, 28, 1), np.float32)
-        rate = augmentation.images_per_second(images, augment.LESSON_GENERATOR, repeats=config.repeats)
-        metrics["augmentation"] = {"batch_size": 256, "images_per_second": rate}
-        print(f"augmentation: {rate:,.0f} images/s", flush=True)
-        metrics["lesson_fits"] = bench_lesson_fits(config.cnn_epochs, config.seeds)
-        print("lesson fits: " + ", ".join(f"{k} {v}" for k, v in metrics["lesson_fits"].items()), flush=True)
-        if config.callbacks:
-            print("callbacks:", flush=True)
-            metrics["callbacks"] = bench_callbacks()
-        if config.sweep:
-            metrics["steps_per_execution"] = bench_steps_per_execution()
-        metrics["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        if config.keras_python:
-            metrics.update(compare_with_keras(config, metrics))
+        if not config.steps_only:
+            _bench_the_rest(config, metrics)
     except KeyboardInterrupt:
         metrics["interrupted"] = True
     results.write_metrics(config.out, metrics)
     print(f"-> {config.out}/metrics.json")
     return metrics
+
+
+def _bench_the_rest(config: Config, metrics: dict) -> None:
+    """Augmentation, the lesson fits and what the config asks besides, added to `metrics` as each is measured."""
+    images = np.random.default_rng(0).random((256, 28, 28, 1), np.float32)
+    rate = augmentation.images_per_second(images, augment.LESSON_GENERATOR, repeats=config.repeats)
+    metrics["augmentation"] = {"batch_size": 256, "images_per_second": rate}
+    print(f"augmentation: {rate:,.0f} images/s", flush=True)
+    metrics["lesson_fits"] = bench_lesson_fits(config.cnn_epochs, config.seeds)
+    print("lesson fits: " + ", ".join(f"{k} {v}" for k, v in metrics["lesson_fits"].items()), flush=True)
+    if config.callbacks:
+        print("callbacks:", flush=True)
+        metrics["callbacks"] = bench_callbacks()
+    if config.sweep:
+        metrics["steps_per_execution"] = bench_steps_per_execution()
+    metrics["peak_memory_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if config.keras_python:
+        metrics.update(compare_with_keras(config, metrics))
 
 
 def compare_with_keras(config: Config, metrics: dict) -> dict:

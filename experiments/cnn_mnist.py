@@ -5,6 +5,7 @@ python experiments/cnn_mnist.py --dataset idx --data-dir /usr/share/datasets/fas
 python experiments/cnn_mnist.py --labels one-hot      # the lesson as written: to_categorical + categorical_crossentropy
 python experiments/cnn_mnist.py --dtype bfloat16      # Keras's mixed_bfloat16: bfloat16 compute, float32 params
 python experiments/cnn_mnist.py --save-model runs/cnn_model   # then: experiments/predict.py --model runs/cnn_model
+python experiments/cnn_mnist.py --model cnn-bn       # the CNN with BatchNorm and Dropout (models.CNNBatchNorm)
 """
 
 import dataclasses
@@ -23,6 +24,7 @@ from flaxlesson.resume import resume_or_start  # noqa: E402
 
 LABELS = {"sparse": "sparse_categorical_crossentropy", "one-hot": "categorical_crossentropy"}
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
+MODELS = {"cnn": models.CNN, "cnn-bn": models.CNNBatchNorm}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +37,11 @@ class Config(flags.Config):
             "sparse: class indices + sparse_categorical_crossentropy; one-hot: the lesson's to_categorical + "
             "categorical_crossentropy",
             choices=tuple(LABELS),
+        ),
+        "model": flags.Flag(
+            "cnn: the lesson's CNN; cnn-bn: the same with BatchNorm after each conv stage and Dropout before the "
+            "output (trains with train=True, evaluates on BatchNorm's running averages)",
+            choices=tuple(MODELS),
         ),
         "dtype": flags.Flag(
             "the layers' computation dtype; bfloat16 is Keras's mixed_bfloat16 (params, optimiser and loss float32)",
@@ -51,6 +58,7 @@ class Config(flags.Config):
     strategy: str = "single"
     augment: bool = False
     labels: str = "sparse"
+    model: str = "cnn"
     dtype: str = "float32"
     limit: int | None = None
     seed: int = 0
@@ -83,7 +91,7 @@ def run(config: Config) -> dict:
         flush=True,
     )
 
-    model = models.CNN(num_classes=images.num_classes, dtype=DTYPES[config.dtype])
+    model = MODELS[config.model](num_classes=images.num_classes, dtype=DTYPES[config.dtype])
     loss = LABELS[config.labels]
     y_train, y_test = images.y_train, images.y_test
     if config.labels == "one-hot":
@@ -136,7 +144,7 @@ def run(config: Config) -> dict:
         **flags.save_trained(config, state, images.x_train[:1]),
     }
     results.write_metrics(config.out, metrics)
-    title = f"CNN on {images.name}"
+    title = f"{type(model).__name__} on {images.name}"
     if history.epoch:
         plots.history_curves(history, f"{config.out}/curves.png", title=title)
     plots.prediction_grid(

@@ -255,9 +255,10 @@ class EarlyStopping(_MonitorCallback):
     Keras 3's decisions for the same monitored values: an improvement beats the best by more than `min_delta`
     (compared in float32); `wait` counts epochs since the last one and resets only when the value also beats
     `baseline`; the fit stops at the end of an epoch > 0 once `wait >= patience`; epochs before
-    `start_from_epoch` are not monitored. With `restore_best_weights`, the params at the end of the best epoch
-    (a host copy, taken at each improvement) replace the final ones at the end of training, as Keras 3 does
-    whether or not it stopped early. `stopped_epoch` and `best_epoch` are 0-based, as in Keras.
+    `start_from_epoch` are not monitored. With `restore_best_weights`, the params (and BatchNorm's batch_stats)
+    at the end of the best epoch (a host copy, taken at each improvement) replace the final ones at the end of
+    training, as Keras 3 does whether or not it stopped early. `stopped_epoch` and `best_epoch` are 0-based, as in
+    Keras.
     """
 
     def __init__(
@@ -282,6 +283,7 @@ class EarlyStopping(_MonitorCallback):
     def on_train_begin(self, state: State) -> None:
         self.wait, self.stopped_epoch, self.best_epoch = 0, 0, 0
         self.best, self.best_weights, self.stop_training = None, None, False
+        self.best_batch_stats = None  # BatchNorm's running statistics, restored with the params as Keras's weights
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float], state: State) -> None:
         current = self._current(logs)
@@ -292,6 +294,7 @@ class EarlyStopping(_MonitorCallback):
             self.best, self.best_epoch = current, epoch
             if self.restore_best_weights:
                 self.best_weights = _host_copy(state.params)
+                self.best_batch_stats = _host_copy(getattr(state, "batch_stats", None))
             if self.baseline is None or self._is_improvement(current, self.baseline):
                 self.wait = 0
             return
@@ -305,6 +308,8 @@ class EarlyStopping(_MonitorCallback):
             return None
         if self.verbose > 0:
             logger.info("Restoring model weights from the end of the best epoch: %d.", self.best_epoch + 1)
+        if self.best_batch_stats:
+            return state.replace(params=self.best_weights, batch_stats=self.best_batch_stats)
         return state.replace(params=self.best_weights)
 
 

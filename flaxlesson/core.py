@@ -7,9 +7,17 @@ The steps are pure functions of (state, running totals, batch); a strategy from 
 places their inputs, so the same step serves one device, a sharded mesh and pmap. Batches have one fixed size
 and a mask, so the last partial batch trains without a second compile. `one_*_step` is one step per compiled
 call (the plain loop); `scan_*_step` runs several steps as one compiled call through `lax.scan`.
+
+A model whose `__call__` takes `train` (the flax examples' convention, Keras's `training=`) gets `train=True` in
+the train step, with a fresh 'dropout' key each step, and `train=False` in evaluation and prediction. One that
+also takes `mask` gets the batch's row mask (1 real row, 0 padding) in training, so its batch statistics (e.g.
+`models.BatchNorm`'s) cover the real rows only. A model with a 'batch_stats' collection (BatchNorm) has it in
+`TrainState.batch_stats`, updated by every train step and read, as running averages, by evaluation.
 """
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -154,11 +162,24 @@ class TrainState(train_state.TrainState):
     """Flax's TrainState, plus the Keras loss name that fixes the model's output activation, and the model itself.
 
     `model` is the linen module `apply_fn` belongs to (static: its fields are its config), so code that checks
-    inputs or saves the model reads it here rather than from inside `apply_fn`.
+    inputs or saves the model reads it here rather than from inside `apply_fn`. `batch_stats` is the model's
+    'batch_stats' collection (BatchNorm's running means and variances; empty for a model without one): state
+    that training changes but the gradient does not, as in flax's imagenet example.
     """
 
     loss: str = struct.field(pytree_node=False, default="sparse_categorical_crossentropy")
     model: nn.Module | None = struct.field(pytree_node=False, default=None)
+    batch_stats: Any = struct.field(default_factory=dict)
+
+
+@functools.cache
+def _call_parameters(module_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(module_class.__call__).parameters)
+
+
+def takes(model: nn.Module | None, argument: str) -> bool:
+    """Whether `model.__call__` has a parameter named `argument` ('train', 'mask'): read once per model class."""
+    return model is not None and argument in _call_parameters(type(model))
 
 
 def create_train_state(
@@ -174,9 +195,17 @@ def create_train_state(
     The initialisation is jitted: run op by op, the fast conv forms of `ops` took seconds for the CNN.
     """
     get_loss(loss)
-    init = jax.jit(lambda key, x: apply_inputs(lambda inputs, **kw: model.init(key, inputs, **kw), x))
-    params = init(jax.random.key(seed), sample_x)["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer or keras_adam(), loss=loss, model=model)
+    extra = {"train": False} if takes(model, "train") else {}
+    init = jax.jit(lambda key, x: apply_inputs(lambda inputs, **kw: model.init(key, inputs, **kw, **extra), x))
+    variables = init(jax.random.key(seed), sample_x)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optimizer or keras_adam(),
+        loss=loss,
+        model=model,
+        batch_stats=variables.get("batch_stats", {}),
+    )
 
 
 def apply_inputs(fn: Callable, x: Any) -> Any:
@@ -187,14 +216,64 @@ def apply_inputs(fn: Callable, x: Any) -> Any:
     return fn(x)
 
 
-def forward(state: TrainState, params: Any, x: Any) -> jax.Array:
-    """The model's logits for inputs `x` (see `apply_inputs`) under `params`, in at least float32.
+def _variables(state: TrainState, params: Any) -> dict[str, Any]:
+    batch_stats = getattr(state, "batch_stats", None)
+    return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
 
+
+def _as_float32(logits: jax.Array) -> jax.Array:
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
+def forward(state: TrainState, params: Any, x: Any) -> jax.Array:
+    """The model's logits for inputs `x` (see `apply_inputs`) under `params`, in inference mode, in at least float32.
+
+    Inference mode: `train=False` for a model that takes it (Dropout off, BatchNorm's running averages).
     A model that computes in bfloat16 (Keras's `mixed_bfloat16`) gives bfloat16 logits; the loss, the accuracy
     and the probabilities are taken in float32, as Keras's mixed precision keeps its softmax output in float32.
     """
-    logits = apply_inputs(lambda inputs, **kw: state.apply_fn({"params": params}, inputs, **kw), x)
-    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    extra = {"train": False} if takes(getattr(state, "model", None), "train") else {}
+    logits = apply_inputs(lambda inputs, **kw: state.apply_fn(_variables(state, params), inputs, **kw, **extra), x)
+    return _as_float32(logits)
+
+
+def train_forward(state: TrainState, params: Any, x: Any, mask: jax.Array, key: jax.Array) -> tuple[jax.Array, Any]:
+    """(logits, new batch_stats) in training mode: what `forward` is for inference, for a model that takes `train`.
+
+    `train=True`, `key` as the 'dropout' key, the row `mask` for a model that takes `mask`, and 'batch_stats'
+    mutable when the model has them. A model with neither `train` nor batch_stats is run exactly as `forward` runs it.
+    """
+    model = getattr(state, "model", None)
+    if not (takes(model, "train") or state.batch_stats):
+        return forward(state, params, x), state.batch_stats
+    extra = {"train": True} if takes(model, "train") else {}
+    extra |= {"mask": mask} if takes(model, "mask") else {}
+    mutable = ["batch_stats"] if state.batch_stats else False
+
+    def apply(inputs: jax.Array, **kw: Any) -> Any:
+        return state.apply_fn(_variables(state, params), inputs, **kw, **extra, rngs={"dropout": key}, mutable=mutable)
+
+    out = apply_inputs(apply, x)
+    logits, updates = out if mutable else (out, {"batch_stats": state.batch_stats})
+    return _as_float32(logits), updates["batch_stats"]
+
+
+DROPOUT_STREAM = 1
+"""What `dropout_key` folds into the step's key, so that dropout's and augmentation's randomness differ."""
+
+
+def dropout_key(key: jax.Array, step: jax.Array, axis_name: str | None) -> jax.Array:
+    """The train step's 'dropout' key: the fit's `key` folded with the global step, and the device under pmap.
+
+    Derived from the step number (not carried from step to step), so a fit resumed at step n draws what the
+    uninterrupted one drew there. Under pmap each device draws its own rows' masks, so the device's index on the
+    axis is folded in; that index counts the devices of every process, so processes differ too. Under jit over a
+    sharded batch (and on one device) one key draws the mask of the whole global batch, row by row: rows on other
+    devices and processes already get other bits (JAX's partitionable threefry gives the same bits as one device).
+    The stream is kept apart from augmentation's key, `fold_in(key, step)`, by one more fold_in.
+    """
+    key = jax.random.fold_in(jax.random.fold_in(key, step), DROPOUT_STREAM)
+    return key if axis_name is None else jax.random.fold_in(key, jax.lax.axis_index(axis_name))
 
 
 def zero_totals() -> Totals:
@@ -228,13 +307,16 @@ def make_train_step(
 
     The loss is the mean over the real (mask 1) rows of the global batch, so padding changes nothing. Under
     pmap (`axis_name` set) sums and gradients are psum-ed, giving the same update as on one device.
-    `augment(key, images)` runs on the batch inside the step, with a fresh key per step.
+    `augment(key, images)` runs on the batch inside the step, with a fresh key per step. A model that takes
+    `train` runs with `train=True` and a 'dropout' key of its own each step (`dropout_key`); its new
+    `batch_stats` are stored in the state.
     """
     spec = get_loss(loss)
     reduce = _reducer(axis_name)
 
     def train_step(state: TrainState, totals: Totals, batch: Batch, key: jax.Array):
         x, y, mask = batch["x"], batch["y"], batch["mask"]
+        dropout = dropout_key(key, state.step, axis_name)
         if augment is not None:
             key = jax.random.fold_in(key, state.step)
             if axis_name is not None:
@@ -243,12 +325,12 @@ def make_train_step(
         count = jnp.maximum(reduce(mask.sum()), 1.0)
 
         def objective(params):
-            logits = forward(state, params, x)
+            logits, batch_stats = train_forward(state, params, x, mask, dropout)
             losses = spec.per_example(logits, y) * mask
-            return losses.sum() / count, (losses, logits)
+            return losses.sum() / count, (losses, logits, batch_stats)
 
-        grads, (losses, logits) = jax.grad(objective, has_aux=True)(state.params)
-        state = state.apply_gradients(grads=reduce(grads))
+        grads, (losses, logits, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+        state = state.apply_gradients(grads=reduce(grads), batch_stats=batch_stats)
         return state, _add_totals(totals, losses, spec.correct(logits, y), mask, reduce)
 
     return train_step

@@ -7,6 +7,10 @@ same is done here to keep accuracy comparable.
 Every model takes `dtype`, the computation dtype, as Flax's layers do: `jnp.bfloat16` is Keras's
 `mixed_bfloat16` policy (layers compute in bfloat16, params stay float32, and `core.forward` casts the logits
 to float32 before the loss, so the loss, gradients and optimiser state stay float32). None computes in float32.
+
+A model with Dropout or BatchNorm takes `train` (the flax examples' convention, Keras's `training=`): `fit`
+passes True, evaluate and predict False. `CNNBatchNorm` also takes `mask`, the batch's row mask, which it hands
+to its `BatchNorm` layers so that padding rows never enter the batch statistics.
 """
 
 from collections.abc import Callable, Sequence
@@ -17,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlesson import layers
+from flaxlesson import layers, parallel
 from flaxlesson.layers import glorot_uniform
 
 orthogonal = nn.initializers.orthogonal()
@@ -89,6 +93,97 @@ class CNN(nn.Module):
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(Dense(self.dense, dtype=self.dtype)(x))
+        return Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+def _global_sum(tree: Any, axis_name: str) -> Any:
+    """`tree` summed over the pmap axis `axis_name` when the step runs under pmap; as it is otherwise.
+
+    Under jit (one device, or a batch sharded over a mesh) a sum over the batch axis already covers the whole
+    global batch: XLA inserts the all-reduce. Under pmap each device holds its own rows, so the sums are psum-ed.
+    """
+    try:
+        return jax.lax.psum(tree, axis_name)
+    except NameError:  # the axis is not bound: not under pmap
+        return tree
+
+
+def masked_moments(x: jax.Array, mask: jax.Array | None, axis_name: str = parallel.AXIS) -> tuple:
+    """Per-feature (last axis) mean and biased variance of `x` over the real rows (`mask` 1) of the global batch.
+
+    Sums of the real rows and their count, summed over every device (see `_global_sum`), then divided: the
+    statistics of the global batch's real rows, whatever the strategy and however the padding falls on devices.
+    """
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    rows = jnp.ones(x.shape[:1], x.dtype) if mask is None else mask.astype(x.dtype)
+    weight = jnp.broadcast_to(rows.reshape(-1, *([1] * (x.ndim - 1))), x.shape[:-1] + (1,))
+    axes = tuple(range(x.ndim - 1))
+    x = jnp.where(weight > 0, x, 0.0)  # padding rows may hold anything; 0 * inf would be NaN
+    total, count = _global_sum((jnp.sum(x * weight, axes), jnp.sum(weight, axes)), axis_name)
+    count = jnp.maximum(count, 1.0)
+    mean = total / count
+    squares = _global_sum(jnp.sum(jnp.square(x - mean) * weight, axes), axis_name)
+    return mean, squares / count
+
+
+class BatchNorm(nn.Module):
+    """Keras's `BatchNormalization` (momentum 0.99, epsilon 1e-3) over the real rows of the global batch.
+
+    With `train`, normalises by the statistics of the batch's real rows (`mask`, as `core` passes it to a model
+    that takes one; all rows when None) over every device, and moves the running averages in the 'batch_stats'
+    collection toward them; without, normalises by the running averages. Its variables are named as
+    `nn.BatchNorm`'s ('scale', 'bias'; 'mean', 'var'), whose own mask is not enough here: under pmap it averages
+    per-device means, unweighted by their real rows, and a device holding only padding gives NaN.
+    """
+
+    momentum: float = 0.99
+    epsilon: float = 1e-3
+    dtype: Any = None
+    axis_name: str = parallel.AXIS
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        features = (x.shape[-1],)
+        scale = self.param("scale", nn.initializers.ones, features)
+        bias = self.param("bias", nn.initializers.zeros, features)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+        if train:
+            mean, var = masked_moments(x, mask, self.axis_name)
+            if not self.is_initializing():
+                running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+                running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+        else:
+            mean, var = running_mean.value, running_var.value
+        y = (x - mean) * (scale * jax.lax.rsqrt(var + self.epsilon)) + bias
+        return y.astype(self.dtype or jnp.promote_types(x.dtype, jnp.float32))
+
+
+class CNNBatchNorm(nn.Module):
+    """The lesson's CNN with BatchNorm after each conv + pool stage and Dropout before the output layer.
+
+    [Conv 3x3 -> MaxPool 2x2 -> BatchNorm -> relu] for each of `features` -> Dense(dense, relu) ->
+    Dropout(`dropout`) -> logits. The pool comes before the BatchNorm so that each stage is the fast fused
+    `layers.ConvMaxPool` (with no activation of its own); the statistics are the pooled maps'. Takes `train`
+    (Dropout on, batch statistics) and `mask` (the rows those statistics cover), as `core`'s train step passes.
+    """
+
+    features: Sequence[int] = (32, 64)
+    dense: int = 128
+    num_classes: int = 10
+    dropout: float = 0.5
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
+        if x.ndim != 4:
+            raise ValueError(f"x: the CNN takes NHWC images (batch, height, width, channels), got shape {x.shape}")
+        for i, features in enumerate(self.features):
+            x = layers.ConvMaxPool(features, (3, 3), activation=None, dtype=self.dtype, name=f"Conv_{i}")(x)
+            x = nn.relu(BatchNorm(dtype=self.dtype, name=f"BatchNorm_{i}")(x, train, mask))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(Dense(self.dense, dtype=self.dtype)(x))
+        x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return Dense(self.num_classes, dtype=self.dtype)(x)
 
 

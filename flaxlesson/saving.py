@@ -11,7 +11,6 @@ polymorphic, for CPU and CUDA: a process with only `jax` and `numpy` loads it wi
 """
 
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -240,13 +239,9 @@ def input_structs(saved_input: Mapping[str, Any], batch: int = 1) -> Any:
     return structs if saved_input["is_dict"] else structs["x"]
 
 
-def _takes_train(module: nn.Module) -> bool:
-    return "train" in inspect.signature(type(module).__call__).parameters
-
-
 def _model_shapes(module: nn.Module, saved_input: Mapping[str, Any]) -> dict[str, dict[str, tuple]]:
     """The variables' shapes `module` makes on the saved input, per collection ('params', 'batch_stats')."""
-    extra = {"train": False} if _takes_train(module) else {}
+    extra = {"train": False} if core.takes(module, "train") else {}
 
     def init(x: Any) -> Any:
         return core.apply_inputs(lambda inputs, **kw: module.init(jax.random.key(0), inputs, **kw, **extra), x)

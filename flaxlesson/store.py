@@ -68,11 +68,13 @@ def fingerprint(tree: Any) -> str:
 
 
 def payload(state: Any) -> dict[str, Any]:
-    """What is saved of a TrainState: everything that changes during training, copied to host arrays.
+    """What is saved of a TrainState: everything that changes during training (BatchNorm's batch_stats too), on host.
 
     A copy, because the fit's next call donates the state's buffers while the checkpoint is still being written.
     """
     tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    if getattr(state, "batch_stats", None):  # BatchNorm's running statistics; absent for a model without them
+        tree["batch_stats"] = state.batch_stats
     return jax.tree.map(lambda leaf: np.array(leaf, copy=True), jax.device_get(jax.tree.map(jnp.asarray, tree)))
 
 
@@ -314,7 +316,8 @@ def place(state: Any, found: dict[str, Any], strategy: Any) -> Any:
     """`state` with a checkpoint's arrays, placed as `fit(..., strategy=strategy)` returns them."""
     strategy = parallel.get_strategy(strategy)
     found = strategy.unreplicate(strategy.replicate(found))
-    return state.replace(step=found["step"], params=found["params"], opt_state=found["opt_state"])
+    extra = {"batch_stats": found["batch_stats"]} if "batch_stats" in found else {}
+    return state.replace(step=found["step"], params=found["params"], opt_state=found["opt_state"], **extra)
 
 
 def restore_newest(directory: str | os.PathLike, state: Any, *, strategy: Any = None) -> tuple[Any, Position] | None:

@@ -231,6 +231,26 @@ def _train_epoch(run: _Run, state: Any, epoch: int, seed: int, shuffle: bool, sk
     return state, means, done, time.perf_counter() - start
 
 
+def _checked_counts(
+    epochs: int, batch_size: int, initial_epoch: int, initial_step: int, steps_per_epoch: int | None
+) -> tuple[int, int, int]:
+    """`fit`'s counts checked (ValueError naming the argument): epochs, initial_epoch and initial_step as ints."""
+    epochs = checks.positive_int("epochs", epochs)
+    if steps_per_epoch is not None:
+        checks.positive_int("steps_per_epoch", steps_per_epoch)
+    checks.positive_int("batch_size", batch_size)
+    initial_epoch = checks.integer("initial_epoch", initial_epoch, low=0, high=epochs)
+    return epochs, initial_epoch, checks.non_negative_int("initial_step", initial_step)
+
+
+def _check_initial_step(initial_step: int, initial_epoch: int, epochs: int, steps_in_epoch: int) -> None:
+    if initial_step and not (initial_epoch < epochs and initial_step < steps_in_epoch):
+        raise ValueError(
+            f"initial_step must be below the {steps_in_epoch} steps of an epoch, and 0 when no epoch is left to "
+            f"train (initial_epoch={initial_epoch}, epochs={epochs}), got {initial_step}"
+        )
+
+
 def fit(
     state: TrainState,
     x: Any,
@@ -270,12 +290,9 @@ def fit(
     (`sources.RESIDENT_SHARE` of one device's memory). `steps_per_epoch` (Keras's) cuts each epoch to its first
     that many steps, e.g. to train a fixed number of steps on a large streamed set.
     """
-    epochs = checks.positive_int("epochs", epochs)
-    if steps_per_epoch is not None:
-        checks.positive_int("steps_per_epoch", steps_per_epoch)
-    checks.positive_int("batch_size", batch_size)
-    initial_epoch = checks.integer("initial_epoch", initial_epoch, low=0, high=epochs)
-    initial_step = checks.non_negative_int("initial_step", initial_step)
+    epochs, initial_epoch, initial_step = _checked_counts(
+        epochs, batch_size, initial_epoch, initial_step, steps_per_epoch
+    )
     given = _checked(state, sources.from_data(x, y))
     callbacks = _as_callbacks(callbacks)
     train, held_out = given.split(checks.fraction("validation_split", validation_split))
@@ -292,47 +309,86 @@ def fit(
     signals = (signal.SIGINT,) if preemption_service else (signal.SIGINT, signal.SIGTERM)
     # From here a signal is recorded, not raised: one that comes while compiling stops the fit after its first call.
     with _stop_requests(signals) as stop, contextlib.closing(train):
-        train_call = executor.train_call(make_train_step(state.loss, axis_name=strategy.axis_name, augment=augment))
-        state = strategy.replicate(state)
-        key = strategy.replicate(jax.random.key(seed))
-        first, _ = next(executor.inputs(iter([train.example_input(layout)])))
         start = time.perf_counter()
-        train_call = train_call.lower(state, executor.zeros, key, train.data, *first).compile()
+        train_call, state, key = _compiled_train_call(state, train, layout, executor, augment, seed)
         history = History(compile_seconds=time.perf_counter() - start)
         run = _Run(strategy, train, layout, steps_in_epoch, executor, train_call, key, callbacks, stop)
         run.preemption_service, run.verbose = preemption_service, verbose
         if held_out is not None:
-            held_out = held_out.placed(strategy, data_on_device)
-            val_layout = _layout(held_out, batch_size, strategy)
-            val_executor = Executor(strategy, steps_per_execution, val_layout.steps)
-            val_call = val_executor.eval_call(make_eval_step(state.loss, axis_name=strategy.axis_name))
-            run.validation = (held_out, val_layout, val_executor, val_call)
+            run.validation = _validation(
+                state.loss, held_out, strategy, batch_size, steps_per_execution, data_on_device
+            )
         if callbacks:
-            # What a checkpoint's data position depends on: the data, how it is split and batched, and by how many
-            # (the fingerprint reads rows, so only when a callback will look).
-            data_layout = {
-                "num_examples": given.num_examples,
-                "batch_size": batch_size,
-                "validation_split": float(validation_split),
-                "shuffle": bool(shuffle),
-                "seed": seed,
-                "steps_per_epoch": steps_in_epoch,
-                "process_count": strategy.process_count,
-                "data": sources.fingerprint(train),
-            }
+            data_layout = _data_layout(given, train, batch_size, validation_split, shuffle, seed, run)
             params = {"epochs": epochs, "steps": steps_in_epoch, "samples": n, "verbose": verbose}
             for callback in callbacks:
                 callback.set_params({**params, "layout": data_layout})
         for callback in callbacks:
             callback.on_train_begin(strategy.unreplicate(state))
         # After on_train_begin, so that a checkpoint of other data settings is refused for what changed.
-        if initial_step and not (initial_epoch < epochs and initial_step < steps_in_epoch):
-            raise ValueError(
-                f"initial_step must be below the {steps_in_epoch} steps of an epoch, and 0 when no epoch is left to "
-                f"train (initial_epoch={initial_epoch}, epochs={epochs}), got {initial_step}"
-            )
+        _check_initial_step(initial_step, initial_epoch, epochs, steps_in_epoch)
         state, history = _epochs(run, state, history, range(initial_epoch, epochs), initial_step, seed, shuffle, n)
     return strategy.unreplicate(state), history
+
+
+def _compiled_train_call(
+    state: TrainState,
+    train: sources.Source,
+    layout: batching.Layout,
+    executor: Executor,
+    augment: Callable | None,
+    seed: int,
+) -> tuple[Callable, Any, jax.Array]:
+    """The train call compiled for the strategy's devices, with the state and the fit's key placed for it.
+
+    The key is `seed`'s; each step folds its step number into it (augmentation's and dropout's keys, see `core`).
+    """
+    strategy = executor.strategy
+    train_call = executor.train_call(make_train_step(state.loss, axis_name=strategy.axis_name, augment=augment))
+    state = strategy.replicate(state)
+    key = strategy.replicate(jax.random.key(seed))
+    first, _ = next(executor.inputs(iter([train.example_input(layout)])))
+    return train_call.lower(state, executor.zeros, key, train.data, *first).compile(), state, key
+
+
+def _validation(
+    loss: str,
+    held_out: sources.Source,
+    strategy: parallel.Strategy,
+    batch_size: int,
+    steps_per_execution: StepsPerExecution,
+    data_on_device: bool | None,
+) -> tuple[sources.Source, batching.Layout, Executor, Callable]:
+    """What `_Run.validate` runs at each epoch's end: the placed held-out data, its layout, executor and eval call."""
+    held_out = held_out.placed(strategy, data_on_device)
+    layout = _layout(held_out, batch_size, strategy)
+    executor = Executor(strategy, steps_per_execution, layout.steps)
+    return held_out, layout, executor, executor.eval_call(make_eval_step(loss, axis_name=strategy.axis_name))
+
+
+def _data_layout(
+    given: sources.Source,
+    train: sources.Source,
+    batch_size: int,
+    validation_split: float,
+    shuffle: bool,
+    seed: int,
+    run: _Run,
+) -> dict[str, Any]:
+    """What a checkpoint's data position depends on: the data, how it is split and batched, and by how many.
+
+    The fingerprint reads rows, so `fit` asks for this only when a callback will look.
+    """
+    return {
+        "num_examples": given.num_examples,
+        "batch_size": batch_size,
+        "validation_split": float(validation_split),
+        "shuffle": bool(shuffle),
+        "seed": seed,
+        "steps_per_epoch": run.steps_in_epoch,
+        "process_count": run.strategy.process_count,
+        "data": sources.fingerprint(train),
+    }
 
 
 def _epochs(
