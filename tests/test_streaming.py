@@ -293,11 +293,6 @@ def test_writing_into_a_folder_that_holds_shards_is_refused(shard_dir):
         shards.write_arrays(shard_dir, np.zeros((2, 4, 4), np.uint8), np.zeros(2, np.int32))
 
 
-def test_float_images_are_refused_with_the_conversion_to_use(tmp_path):
-    with pytest.raises(ValueError, match=r"images must be uint8 .*astype\(np.uint8\)"):
-        shards.write_arrays(tmp_path / "f", np.zeros((2, 4, 4), np.float32), np.zeros(2, np.int32))
-
-
 @pytest.mark.parametrize("kwargs, match", [({"batch_size": 0}, "batch_size"), ({"process_count": 3}, "process_count")])
 def test_bad_batch_settings_are_rejected_by_name(shard_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):
