@@ -423,3 +423,53 @@ def test_the_experiment_rejects_a_bad_flag_with_one_error_line(flag, message, ca
     assert exit_.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0]
+
+
+SMALL_RUN = ["--copies=1", "--steps=4", "--rounds=1", "--dataset=digits", "--limit=50"]
+
+
+def test_the_experiment_refuses_a_train_shards_folder_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "train_shards").mkdir()
+    (tmp_path / "train_shards" / "mine.txt").write_text("a user's file")
+    with pytest.raises(SystemExit) as exit_:
+        experiment.main([*SMALL_RUN, f"--out={tmp_path}"])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "argument --out:" in errors[0] and "did not write (['mine.txt'])" in errors[0]
+    assert (tmp_path / "train_shards" / "mine.txt").read_text() == "a user's file"
+
+
+def test_the_experiment_replaces_only_a_set_it_wrote(tmp_path):
+    shard_dir = experiment.fresh_shard_dir(tmp_path)
+    shards.write_arrays(shard_dir, np.zeros((4, 2, 2), np.uint8), np.zeros(4, np.int32), records_per_shard=2)
+    assert experiment.fresh_shard_dir(tmp_path) == shard_dir
+    assert [p.name for p in shard_dir.iterdir()] == [experiment.MARKER]
+    shutil.copytree(shard_dir, tmp_path / "copy")
+    (tmp_path / "copy" / experiment.MARKER).unlink()
+    shards.write_arrays(tmp_path / "copy", np.zeros((4, 2, 2), np.uint8), np.zeros(4, np.int32))
+    shutil.rmtree(shard_dir)
+    (tmp_path / "copy").rename(shard_dir)  # a set of shards this experiment did not mark
+    with pytest.raises(experiment.flags.ConfigError, match="no written-by-experiments-streaming.json"):
+        experiment.fresh_shard_dir(tmp_path)
+    assert len(streaming.StreamingDataset(shard_dir)) == 4
+
+
+def test_the_experiment_on_a_full_disk_exits_1_with_one_line_and_no_partial_shards(tmp_path, monkeypatch, capsys):
+    class FullDisk:
+        def __init__(self, path, options):
+            open(path, "wb").close()
+
+        def write(self, record):
+            raise RuntimeError("RESOURCE_EXHAUSTED: No space left on device")
+
+        def close(self):
+            raise RuntimeError("RESOURCE_EXHAUSTED: No space left on device")
+
+    monkeypatch.setattr(shards.array_record_module, "ArrayRecordWriter", FullDisk)
+    with pytest.raises(SystemExit) as exit_:
+        experiment.main([*SMALL_RUN, f"--out={tmp_path}"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert f"{tmp_path / 'train_shards'}: writing shards failed" in err
+    assert [p.name for p in (tmp_path / "train_shards").iterdir()] == [experiment.MARKER]
