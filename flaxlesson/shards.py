@@ -219,7 +219,12 @@ class ShardWriter:
         }
 
     def abort(self) -> None:
-        """Stop writing: close the open shard (its own error, e.g. the disk still full, ignored), remove the shards."""
+        """Stop writing: close the open shard (its own error, e.g. the disk still full, ignored), remove the shards.
+
+        A writer already closed keeps its finished set.
+        """
+        if self._lock is None:
+            return
         if self._writer is not None:
             writer, self._writer = self._writer, None
             with contextlib.suppress(RuntimeError, OSError):

@@ -238,8 +238,8 @@ def folder(tmp_path):
     return shards.write_arrays(tmp_path / "s", x, y, records_per_shard=30)
 
 
-@pytest.mark.parametrize("prefetch", [0, 2])
-def test_a_damaged_shard_is_named_when_read(folder, prefetch):
+@pytest.mark.parametrize("prefetch, workers", [(0, 0), (2, 0), (1, 1)])
+def test_a_damaged_shard_is_named_when_read(folder, prefetch, workers):
     shard = folder / shards.shard_name(1)
     raw = bytearray(shard.read_bytes())
     record = streaming.encode_record(
@@ -250,9 +250,10 @@ def test_a_damaged_shard_is_named_when_read(folder, prefetch):
     middle = start + len(record) // 2  # inside record 15 of this shard: the checks made when it opens pass
     raw[middle : middle + 4] = bytes(b ^ 0xFF for b in raw[middle : middle + 4])
     shard.write_bytes(bytes(raw))
-    dataset = streaming.StreamingDataset(folder, prefetch=prefetch)
-    with pytest.raises(streaming.ShardError, match=f"{shard}: record \\d+ cannot be read, a damaged shard"):
-        list(dataset.batches(60, shuffle=False))
+    dataset = streaming.StreamingDataset(folder, prefetch=prefetch, worker_count=workers)
+    with dataset.batches(60, shuffle=False) as batches:
+        with pytest.raises(streaming.ShardError, match=f"{shard}: record 15 cannot be read, a damaged shard"):
+            list(batches)
 
 
 @pytest.mark.parametrize("name", ["../outside.array_record", "/tmp/outside.array_record", "sub/x.array_record"])
