@@ -130,31 +130,50 @@ def fresh_shard_dir(out: str | Path) -> Path:
     return shard_dir
 
 
+def round_settings(num_examples: int, config: Config, round_: int) -> dict[str, int]:
+    """`fit`'s epoch settings of round `round_`: about `config.steps / config.rounds` steps where the last ended.
+
+    Where every round's steps lie inside one epoch (a large set: 40 copies are 37,500 steps an epoch), round r
+    trains steps r * s .. (r + 1) * s - 1 of epoch 0 (`initial_step`), so the epoch's order, a permutation of
+    every row, is drawn once per run as in a real epoch of that set, not once per round. Otherwise each round
+    trains whole epochs, each cut to its share of the steps by Keras's `steps_per_epoch`.
+    """
+    steps = math.ceil(config.steps / config.rounds)
+    per_epoch = data.num_batches(num_examples, config.batch_size)
+    if per_epoch >= steps * config.rounds:
+        return {
+            "initial_epoch": 0,
+            "epochs": 1,
+            "initial_step": round_ * steps,
+            "steps_per_epoch": (round_ + 1) * steps,
+        }
+    epochs = math.ceil(steps / per_epoch)
+    return {
+        "initial_epoch": round_ * epochs,
+        "epochs": (round_ + 1) * epochs,
+        "steps_per_epoch": math.ceil(steps / epochs),
+    }
+
+
 def train(
     state: training.TrainState, x: Any, y: np.ndarray | None, config: Config, round_: int
 ) -> tuple[training.TrainState, training.History]:
-    """Round `round_` of `config.rounds`: about `config.steps / config.rounds` steps of `training.fit`.
+    """Round `round_` of `config.rounds` of `training.fit` (`round_settings`), from arrays or a streaming dataset.
 
-    x is arrays, or a streaming dataset. The steps are spread over whole epochs' worth of the data (Keras's
-    `steps_per_epoch` cuts each epoch), so the same call trains from a 1x set in memory and from an N-copy set on
-    disk; each round goes on where the last one's epochs ended.
+    The same call trains from a 1x set in memory and from an N-copy set on disk; each round goes on where the
+    last one ended.
     """
     n = x.num_examples if y is None else len(y)
-    steps = math.ceil(config.steps / config.rounds)
-    epochs = math.ceil(steps / data.num_batches(n, config.batch_size))
-    state, history = training.fit(
+    return training.fit(
         state,
         x,
         y,
-        initial_epoch=round_ * epochs,
-        epochs=(round_ + 1) * epochs,
-        steps_per_epoch=math.ceil(steps / epochs),
+        **round_settings(n, config, round_),
         batch_size=config.batch_size,
         steps_per_execution=config.steps_per_execution,
         seed=config.seed,
         verbose=2,
     )
-    return state, history
 
 
 class PeakRss:

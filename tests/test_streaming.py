@@ -473,3 +473,26 @@ def test_the_experiment_on_a_full_disk_exits_1_with_one_line_and_no_partial_shar
     assert "Traceback" not in err and err.count("error:") == 1
     assert f"{tmp_path / 'train_shards'}: writing shards failed" in err
     assert [p.name for p in (tmp_path / "train_shards").iterdir()] == [experiment.MARKER]
+
+
+def test_rounds_continue_one_epoch_where_the_whole_run_fits_in_it():
+    config = experiment.Config(steps=1280, rounds=4)
+    large = [experiment.round_settings(2_400_000, config, r) for r in range(4)]
+    assert large == [
+        {"initial_epoch": 0, "epochs": 1, "initial_step": 320 * r, "steps_per_epoch": 320 * (r + 1)} for r in range(4)
+    ]
+    assert experiment.round_settings(60_000, config, 2) == {"initial_epoch": 2, "epochs": 3, "steps_per_epoch": 320}
+
+
+def test_rounds_inside_one_epoch_train_as_one_fit_of_their_steps(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 4)).astype(np.float32), rng.integers(0, 3, 200)
+    dataset = streaming.StreamingDataset(shards.write_arrays(tmp_path / "s", x, y))
+    config = experiment.Config(steps=8, rounds=2, batch_size=8, steps_per_execution=1)
+    start = state = training.create_train_state(models.MLP(num_classes=3), x[:1])
+    for round_ in range(2):
+        state, _ = experiment.train(state, dataset, None, config, round_)
+    whole, _ = training.fit(start, dataset, epochs=1, steps_per_epoch=8, batch_size=8, verbose=0)
+    assert int(state.step) == int(whole.step) == 8
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(whole.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
