@@ -60,7 +60,7 @@ def _check_fields(fields: Mapping[str, streaming.Field]) -> dict[str, streaming.
     if other:
         raise ValueError(
             f"fields: shards hold numeric arrays only, got {other}; encode strings as integer ids, e.g. "
-            "ids, names = np.unique(values, return_inverse=True)[::-1]"
+            "names, ids = np.unique(values, return_inverse=True)"
         )
     if not fields:
         raise ValueError("fields: a record needs at least one field")

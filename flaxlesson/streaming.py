@@ -274,13 +274,15 @@ class ShardReader:
         positions = (indices - self._starts[shards]).tolist()
         raws, readers = [], self._readers()
         for shard, position in zip(shards.tolist(), positions, strict=True):
-            reader = readers[shard]
-            if reader is None:
-                reader = readers[shard] = array_record_module.ArrayRecordReader(str(self.files[shard]), self.OPTIONS)
             try:
+                reader = readers[shard]
+                if reader is None:
+                    reader = readers[shard] = array_record_module.ArrayRecordReader(
+                        str(self.files[shard]), self.OPTIONS
+                    )
                 reader.seek(position)
                 raws.append(reader.read())
-            except RuntimeError as e:  # a damaged file: ArrayRecord's checksums refuse the chunk
+            except RuntimeError as e:  # a damaged or replaced file: ArrayRecord's checksums refuse the chunk
                 raise ShardError(f"{self.files[shard]}: record {position} cannot be read, a damaged shard ({e})") from e
         decoded = self._layout.decode(raws)
         if decoded is not None:
