@@ -139,9 +139,11 @@ class ShardWriter:
         self._created = not self.out_dir.exists()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._lock: int | None = _lock(self.out_dir)
-        if (self.out_dir / streaming.METADATA_FILE).exists() or any(self.out_dir.glob("shard-*.array_record")):
+        finished = (self.out_dir / streaming.METADATA_FILE).exists()
+        if finished or any(self.out_dir.glob("shard-*.array_record")):
             self._release()
-            raise ValueError(f"out_dir: {out_dir} already holds shards; remove them or choose another folder")
+            what = "shards" if finished else f"shards but no {streaming.METADATA_FILE} (a write killed before it ended)"
+            raise ValueError(f"out_dir: {out_dir} already holds {what}; remove them or choose another folder")
 
     def write(self, examples: Mapping[str, np.ndarray]) -> None:
         """Append a chunk of examples: each field an array of shape (n, *field.shape) of the field's dtype."""

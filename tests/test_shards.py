@@ -160,7 +160,10 @@ def test_a_second_writer_of_a_folder_being_written_is_refused(tmp_path):
         shards.shard_name(i) for i in range(5)
     ]
     assert len(streaming.StreamingDataset(tmp_path / "s")) == 20
-    with pytest.raises(ValueError, match="already holds shards"):
+    with pytest.raises(ValueError, match="already holds shards;"):
+        shards.ShardWriter(tmp_path / "s", _fields())
+    (tmp_path / "s" / "metadata.json").unlink()  # as a writer killed by SIGKILL leaves it
+    with pytest.raises(ValueError, match="already holds shards but no metadata.json \\(a write killed before it ended"):
         shards.ShardWriter(tmp_path / "s", _fields())
 
 
