@@ -4,7 +4,8 @@
     python experiments/streaming.py --copies 2 --steps 50 --dataset digits --out runs/streaming_smoke
 
 Writes --copies augmented draws of the training images (the lesson's ImageDataGenerator, a different draw per
-copy) as ArrayRecord shards into --out/train_shards, a chunk at a time, so the set is never in memory. Then
+copy) as ArrayRecord shards into --out/train_shards, a chunk at a time, so the set is never in memory; that
+folder is marked as this experiment's, and a train_shards it did not write is refused, never deleted. Then
 trains the lesson's CNN for --steps steps streaming from it, and for --steps steps from the 1x training images
 in memory, both through `training.fit`, in --rounds alternating rounds, since a shared machine's speed drifts:
 relative_speed is the median over rounds of the two speeds' ratio within a round. metrics.json: dataset_bytes,
@@ -14,8 +15,8 @@ relative_speed, test_accuracy (the streamed model's).
 
 import contextlib
 import dataclasses
+import json
 import math
-import shutil
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ from experiments import flags  # noqa: E402
 from flaxlesson import augment, data, models, results, shards, streaming, training  # noqa: E402
 
 CHUNK = 4096  # images augmented and written at a time
+MARKER = "written-by-experiments-streaming.json"  # in OUT/train_shards: this experiment wrote the set there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,31 +104,76 @@ def write_augmented_copies(
     return Path(out_dir)
 
 
+def fresh_shard_dir(out: str | Path) -> Path:
+    """OUT/train_shards, empty but for this experiment's marker: a set it wrote before is removed, file by file.
+
+    A folder it did not write (no marker), a symlink, or one holding anything a ShardWriter and this experiment do
+    not write, is a ConfigError of --out, and nothing in it is touched.
+    """
+    shard_dir = Path(out) / "train_shards"
+    ours = {MARKER, streaming.METADATA_FILE, shards.LOCK_FILE}
+    if shard_dir.is_symlink() or shard_dir.exists() and not shard_dir.is_dir():
+        raise flags.ConfigError("out", f"{shard_dir} is not a folder this experiment wrote; move it or choose another")
+    if shard_dir.is_dir():
+        entries = list(shard_dir.iterdir())
+        foreign = sorted(e.name for e in entries if e.name not in ours and not e.name.startswith("shard-"))
+        if entries and (foreign or not (shard_dir / MARKER).is_file() or any(e.is_dir() for e in entries)):
+            raise flags.ConfigError(
+                "out",
+                f"{shard_dir} holds files this experiment did not write ({foreign[:3] or 'no ' + MARKER}); "
+                "it replaces only its own set: move that folder or choose another --out",
+            )
+        for entry in entries:
+            entry.unlink()
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    (shard_dir / MARKER).write_text(json.dumps({"written_by": "experiments/streaming.py"}) + "\n")
+    return shard_dir
+
+
+def round_settings(num_examples: int, config: Config, round_: int) -> dict[str, int]:
+    """`fit`'s epoch settings of round `round_`: about `config.steps / config.rounds` steps where the last ended.
+
+    Where every round's steps lie inside one epoch (a large set: 40 copies are 37,500 steps an epoch), round r
+    trains steps r * s .. (r + 1) * s - 1 of epoch 0 (`initial_step`), so the epoch's order, a permutation of
+    every row, is drawn once per run as in a real epoch of that set, not once per round. Otherwise each round
+    trains whole epochs, each cut to its share of the steps by Keras's `steps_per_epoch`.
+    """
+    steps = math.ceil(config.steps / config.rounds)
+    per_epoch = data.num_batches(num_examples, config.batch_size)
+    if per_epoch >= steps * config.rounds:
+        return {
+            "initial_epoch": 0,
+            "epochs": 1,
+            "initial_step": round_ * steps,
+            "steps_per_epoch": (round_ + 1) * steps,
+        }
+    epochs = math.ceil(steps / per_epoch)
+    return {
+        "initial_epoch": round_ * epochs,
+        "epochs": (round_ + 1) * epochs,
+        "steps_per_epoch": math.ceil(steps / epochs),
+    }
+
+
 def train(
     state: training.TrainState, x: Any, y: np.ndarray | None, config: Config, round_: int
 ) -> tuple[training.TrainState, training.History]:
-    """Round `round_` of `config.rounds`: about `config.steps / config.rounds` steps of `training.fit`.
+    """Round `round_` of `config.rounds` of `training.fit` (`round_settings`), from arrays or a streaming dataset.
 
-    x is arrays, or a streaming dataset. The steps are spread over whole epochs' worth of the data (Keras's
-    `steps_per_epoch` cuts each epoch), so the same call trains from a 1x set in memory and from an N-copy set on
-    disk; each round goes on where the last one's epochs ended.
+    The same call trains from a 1x set in memory and from an N-copy set on disk; each round goes on where the
+    last one ended.
     """
     n = x.num_examples if y is None else len(y)
-    steps = math.ceil(config.steps / config.rounds)
-    epochs = math.ceil(steps / data.num_batches(n, config.batch_size))
-    state, history = training.fit(
+    return training.fit(
         state,
         x,
         y,
-        initial_epoch=round_ * epochs,
-        epochs=(round_ + 1) * epochs,
-        steps_per_epoch=math.ceil(steps / epochs),
+        **round_settings(n, config, round_),
         batch_size=config.batch_size,
         steps_per_execution=config.steps_per_execution,
         seed=config.seed,
         verbose=2,
     )
-    return state, history
 
 
 class PeakRss:
@@ -211,11 +258,11 @@ def load_images(config: Config) -> data.ImageData:
 def run(config: Config, images: data.ImageData | None = None) -> dict[str, Any]:
     """Write the N-copy set, train from it and from memory, evaluate; returns (and writes) the metrics.
 
-    The shards go to OUT/train_shards, rewritten on every run. `images` defaults to `load_images(config)`.
+    The shards go to OUT/train_shards, rewritten on every run if this experiment wrote them (`fresh_shard_dir`).
+    `images` defaults to `load_images(config)`.
     """
     images = load_images(config) if images is None else images
-    shard_dir = Path(config.out) / "train_shards"
-    shutil.rmtree(shard_dir, ignore_errors=True)
+    shard_dir = fresh_shard_dir(config.out)
     model = models.CNN(num_classes=images.num_classes)
     state = in_memory_state = training.create_train_state(model, images.x_train[:1], seed=config.seed)
 
@@ -248,7 +295,7 @@ def run(config: Config, images: data.ImageData | None = None) -> dict[str, Any]:
     in_memory_test = training.evaluate(in_memory_state, images.x_test, images.y_test)
     ratios = np.divide(rates["streamed"], rates["in_memory"])
     metrics = {
-        "dataset_bytes": sum(f.stat().st_size for f in shard_dir.iterdir()),
+        "dataset_bytes": sum(f.stat().st_size for f in shard_dir.iterdir() if f.name != MARKER),
         **rss.summary(),
         "samples_per_second": _median(rates["streamed"]),
         "in_memory_samples_per_second": _median(rates["in_memory"]),
@@ -286,7 +333,12 @@ def run(config: Config, images: data.ImageData | None = None) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Flags -> Config -> run."""
     parser = flags.parser(__doc__, Config())
-    return flags.execute(parser, run, flags.config(parser, Config, parser.parse_args(argv)))
+    config = flags.config(parser, Config, parser.parse_args(argv))
+    try:
+        return flags.execute(parser, run, config)
+    except shards.ShardWriteError as problem:  # a full disk: its shards removed, one line
+        print(f"{parser.prog}: error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

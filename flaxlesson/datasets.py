@@ -167,6 +167,27 @@ def idx_paths(data_dir: str | os.PathLike) -> tuple[dict[str, Path], list[str]]:
     return found, missing
 
 
+def check_idx_labels(labels: dict[Path, np.ndarray]) -> int:
+    """The class count K of IDX label files, whose values together must be 0..K-1, each present; else a ValueError.
+
+    One corrupt byte (200 in a 10-class file) would otherwise make a silent 201-class problem; the error names
+    the file and rows holding the values past the classes' gap.
+    """
+    values = np.unique(np.concatenate([np.asarray(y).reshape(-1) for y in labels.values()]))
+    num_classes = len(values)
+    if np.array_equal(values, np.arange(num_classes)):
+        return num_classes
+    outside = values[values >= num_classes]
+    missing = sorted(set(range(int(values.max()) + 1)) - set(values.tolist()))
+    path, y = next((path, y) for path, y in labels.items() if np.isin(y, outside).any())
+    rows = np.flatnonzero(np.isin(y, outside))
+    raise ValueError(
+        f"data_dir: {path} holds labels {outside[:5].tolist()} (rows {rows[:5].tolist()}), but classes "
+        f"{missing[:5]}{'...' if len(missing) > 5 else ''} have no examples: IDX labels must be the classes "
+        f"0..K-1, each present (a corrupt or one-based label file?)"
+    )
+
+
 def load_idx(data_dir: str | os.PathLike) -> ImageData:
     """MNIST-format IDX files from a folder; Fashion-MNIST is recognised by its labels, anything else is 'idx'."""
     if not Path(data_dir).is_dir():
@@ -192,7 +213,7 @@ def load_idx(data_dir: str | os.PathLike) -> ImageData:
             f"data_dir: train images are {arrays['x_train'].shape[1:]} but test images {arrays['x_test'].shape[1:]}"
         )
     digest = hashlib.sha256(arrays["y_train"].tobytes()).hexdigest()
-    num_classes = int(max(arrays["y_train"].max(initial=0), arrays["y_test"].max(initial=0))) + 1
+    num_classes = check_idx_labels({paths[key]: arrays[key] for key in ("y_train", "y_test")})
     name, class_names = KNOWN_IDX_LABELS.get(digest, ("idx", tuple(str(c) for c in range(num_classes))))
     return ImageData(
         _unit_nhwc(arrays["x_train"], 255),

@@ -44,11 +44,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write `obj` as JSON atomically: a crash mid-write leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(_jsonable(obj), f, indent=2)
-        tmp = f.name
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(obj), f, indent=2)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: leave no half-written temporary file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

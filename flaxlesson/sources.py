@@ -38,7 +38,7 @@ class Source(Protocol):
     """The arrays resident on the devices that every compiled call reads rows from; None when inputs are batches."""
 
     def rows_to_check(self) -> tuple[Any, Any]:
-        """(x, y) to check against the model before training: all rows in memory, a stream's first row."""
+        """(x, y) to check before training: all rows in memory, a stream's `check_rows` (else its first)."""
 
     def take(self, indices: np.ndarray) -> tuple[Any, Any]:
         """Rows `indices` in memory as (x, y)."""
@@ -79,13 +79,29 @@ class Streamable(Protocol):
         """An epoch's batches, laid out by `batching.Layout`."""
 
 
+def scaled_images(x: Any) -> Any:
+    """uint8 inputs as float32 in [0, 1] (x / 255), others unchanged: the one scaling rule, in memory and streamed.
+
+    uint8 is how images are stored (IDX files, PNGs, shards); a model trains on them scaled, as the lesson's
+    `x / 255` does, so the same arrays train the same way whether `fit` is given them or shards written from them.
+    """
+    return np.divide(x, np.float32(255), dtype=np.float32) if getattr(x, "dtype", None) == np.uint8 else x
+
+
+def scaled_inputs(x: Any) -> Any:
+    """A model input (an array, or a dict whose 'x' is the array) with a uint8 'x' scaled by `scaled_images`."""
+    if isinstance(x, dict):
+        return {**x, "x": scaled_images(x["x"])} if "x" in x else x
+    return scaled_images(x)
+
+
 def from_data(x: Any, y: Any | None = None) -> Source:
-    """The source of `x` (and labels `y`): arrays in memory, or a streaming dataset that holds its labels."""
+    """The source of `x` (and labels `y`): arrays in memory (uint8 inputs scaled), or a streaming dataset."""
     if isinstance(x, Streamable):
         if y is not None:
             raise ValueError("y: a streaming dataset carries its own labels; pass y=None")
         return StreamSource(x)
-    return ArraySource(x, None if y is None else np.asarray(y))
+    return ArraySource(scaled_inputs(x), None if y is None else np.asarray(y))
 
 
 def from_validation_data(validation_data: Any) -> Source:
@@ -192,7 +208,8 @@ class StreamSource:
         self._open: tuple[Any, tuple, int] | None = None  # iterator, (layout, seed, shuffle), position of its next
 
     def rows_to_check(self) -> tuple[Any, Any]:
-        return self.take(np.arange(1))
+        check_rows = getattr(self.dataset, "check_rows", None)
+        return self.take(np.arange(1) if check_rows is None else check_rows())
 
     def take(self, indices: np.ndarray) -> tuple[Any, Any]:
         rows = self.dataset.take(indices)

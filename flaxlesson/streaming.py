@@ -1,16 +1,19 @@
-"""Datasets larger than memory: image records on disk, streamed as the batches `data.iterate_batches` makes.
+"""Datasets larger than memory: records on disk, streamed as the batches `data.iterate_batches` makes.
 
 A `StreamingDataset` reads a folder of ArrayRecord shards (written by `flaxlesson.shards`) or a prepared TFDS
-split (through `tfds.data_source`), and never holds more than the batches in flight. Its `batches(...)` yields
-exactly the dicts that `data.iterate_batches` yields over the same images held in memory as float32 in [0, 1]:
-the same order, padding, mask and per-process share, since both cut the row numbers with `batching.Layout` in
+split (through `tfds.data_source`), and never holds more than the batches in flight. Each record holds a model
+input (field 'image' or 'x'), a 'label' and any other fields (e.g. an RNN's 'seq_lengths'), which join the input
+as the dict `fit` takes. Its `batches(...)` yields exactly the dicts that `data.iterate_batches` yields over the
+same arrays held in memory, uint8 inputs scaled to [0, 1] on both paths (`sources.scaled_inputs`): the same
+order, padding, mask and per-process share, since both cut the row numbers with `batching.Layout` in
 `batching.epoch_order`. So a streaming fit and an in-memory fit are the same computation and can be checked against
 each other to rounding, and an in-memory run resumed from a streaming one (or back) continues the same sequence.
-Grain runs the reading and decoding (uint8 -> float32 / 255), in worker processes when asked, ahead of use.
+Grain runs the reading and decoding, in worker processes when asked, ahead of use.
 
 A shard folder holds `metadata.json` (fields with their shapes and dtypes, the example count, each shard's file
-and record count) beside its shards; opening checks every shard against it, and reading checks every record,
-so a missing or truncated shard, or records of another shape, raise a `ShardError` that names the file.
+and record count, each field's range and the rows holding its extremes) beside its shards; opening checks every
+shard against it, and reading checks every record, so a missing, truncated or damaged shard, or records of
+another shape, raise a `ShardError` that names the file.
 """
 
 import dataclasses
@@ -29,13 +32,14 @@ import msgpack
 import numpy as np
 from array_record.python import array_record_module
 
-from flaxlesson import batching, checks, datasets
+from flaxlesson import batching, checks, datasets, sources
 
 METADATA_FILE = "metadata.json"
 FORMAT = "flaxlesson-shards/1"
-IMAGE, LABEL = "image", "label"
-# Names an extra field cannot take: the image and label fields, and "x", the images' key in a batch's input dict.
-RESERVED_FIELDS = ("x", IMAGE, LABEL)
+IMAGE, LABEL, INPUT = "image", "label", "x"
+# Names an extra field cannot take: the input fields ("x" is also the input's key in a batch's dict), the label.
+RESERVED_FIELDS = (INPUT, IMAGE, LABEL)
+NUMERIC_KINDS = "biuf"  # dtype kinds a record may hold: what a model takes (strings do not round-trip as fields)
 
 
 class ShardError(ValueError):
@@ -174,7 +178,23 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
             f"{file}: needs fields and shards of at least one record each that add up to num_examples; "
             f"got fields {sorted(fields)}, shard record counts {counts}, num_examples {meta.get('num_examples')}"
         )
-    return {**meta, "fields": fields, "counts": counts, "files": files}
+    outside = [name for name in files if Path(name).name != name or name in ("", ".", "..")]
+    if outside:
+        raise ShardError(f"{file}: shard files must be plain file names inside {file.parent}, got {outside}")
+    return {**meta, "fields": fields, "counts": counts, "files": files, "check_rows": _check_rows(file, meta)}
+
+
+def _check_rows(file: Path, meta: Mapping[str, Any]) -> list[int]:
+    """The rows `ranges` names (each field's smallest, largest and first non-finite value), checked; [] if none."""
+    ranges = meta.get("ranges") or {}
+    try:
+        rows = [spec[key] for spec in ranges.values() for key in ("min_row", "max_row", "nonfinite_row")]
+    except (TypeError, KeyError, AttributeError) as e:
+        raise ShardError(f"{file}: not valid field ranges ({type(e).__name__}: {e})") from e
+    rows = [row for row in rows if row is not None]
+    if any(isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < meta["num_examples"] for row in rows):
+        raise ShardError(f"{file}: field ranges name rows outside [0, {meta['num_examples']}): {rows}")
+    return sorted(set(rows))
 
 
 def _check_shard(file: Path, count: int, fields: Mapping[str, Field]) -> None:
@@ -222,6 +242,8 @@ class ShardReader:
         self.class_names = tuple(meta["class_names"]) if meta.get("class_names") else None
         self.files = [self.path / name for name in meta["files"]]
         self.counts = meta["counts"]
+        self.check_rows: list[int] = meta["check_rows"]
+        """Rows holding each field's smallest, largest and first non-finite value, as the writer recorded them."""
         for file, count in zip(self.files, self.counts):
             _check_shard(file, count, self.fields)
         self._ends = np.cumsum(self.counts)
@@ -252,11 +274,16 @@ class ShardReader:
         positions = (indices - self._starts[shards]).tolist()
         raws, readers = [], self._readers()
         for shard, position in zip(shards.tolist(), positions, strict=True):
-            reader = readers[shard]
-            if reader is None:
-                reader = readers[shard] = array_record_module.ArrayRecordReader(str(self.files[shard]), self.OPTIONS)
-            reader.seek(position)
-            raws.append(reader.read())
+            try:
+                reader = readers[shard]
+                if reader is None:
+                    reader = readers[shard] = array_record_module.ArrayRecordReader(
+                        str(self.files[shard]), self.OPTIONS
+                    )
+                reader.seek(position)
+                raws.append(reader.read())
+            except RuntimeError as e:  # a damaged or replaced file: ArrayRecord's checksums refuse the chunk
+                raise ShardError(f"{self.files[shard]}: record {position} cannot be read, a damaged shard ({e})") from e
         decoded = self._layout.decode(raws)
         if decoded is not None:
             return decoded
@@ -323,10 +350,16 @@ def _epoch_order(plan: _Plan, epoch: int) -> np.ndarray:
 
 
 def _to_batch(examples: dict[str, np.ndarray]) -> batching.Batch:
-    """Decoded examples as `iterate_batches` gives them: float32 images in [0, 1] under 'x', int32 labels 'y'."""
-    x = np.divide(examples[IMAGE], np.float32(255), dtype=np.float32)  # as datasets' uint8 -> float32 / 255
-    extras = {name: value for name, value in examples.items() if name not in (IMAGE, LABEL)}
-    return {"x": {"x": x, **extras} if extras else x, "y": examples[LABEL].astype(np.int32)}
+    """Decoded examples as `iterate_batches` gives them from `fit`'s arrays: the input, alone or as a dict, under 'x'.
+
+    The input field ('image' or 'x') goes under 'x', uint8 scaled to [0, 1] as in memory; other fields join it as
+    a dict's keyword inputs (e.g. 'seq_lengths'); integer labels are int32, as `write_arrays` checked they fit.
+    """
+    main = IMAGE if IMAGE in examples else INPUT
+    x = sources.scaled_images(examples[main])
+    extras = {name: value for name, value in examples.items() if name not in (main, LABEL)}
+    y = examples[LABEL]
+    return {"x": {"x": x, **extras} if extras else x, "y": y.astype(np.int32) if y.dtype.kind in "iu" else y}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,6 +398,18 @@ def _owned(tree: Any) -> Any:
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
     return checks.integer(name, value, low=minimum)
+
+
+def _check_fields(fields: Mapping[str, Field]) -> None:
+    """A streamable record: one input field ('image' or 'x'), a 'label', numeric fields only."""
+    inputs = [name for name in (IMAGE, INPUT) if name in fields]
+    if len(inputs) != 1:
+        raise ValueError(f"source: needs one input field, {IMAGE!r} or {INPUT!r}, got fields {sorted(fields)}")
+    if LABEL not in fields:
+        raise ValueError(f"source: needs a {LABEL!r} field, got fields {sorted(fields)}")
+    other = {name: field.dtype.name for name, field in fields.items() if field.dtype.kind not in NUMERIC_KINDS}
+    if other:
+        raise ValueError(f"source: fields must be numeric, got {other}")
 
 
 class BatchIterator(Iterator[batching.Batch]):
@@ -409,7 +454,7 @@ class BatchIterator(Iterator[batching.Batch]):
 
 
 class StreamingDataset:
-    """Images and labels read from disk as they are needed, batched exactly as `data.iterate_batches` does.
+    """Inputs and labels read from disk as they are needed, batched exactly as `data.iterate_batches` does.
 
     `source` is a shard folder (see `flaxlesson.shards`) or any `Records`, e.g. `StreamingDataset.from_tfds`'s.
     `worker_count` grain processes read and decode batches (0: this process does, on a thread when
@@ -433,13 +478,7 @@ class StreamingDataset:
         self.records = ShardReader(source) if isinstance(source, (str, os.PathLike)) else source
         self.worker_count = _check_count("worker_count", worker_count, 0)
         self.prefetch = _check_count("prefetch", prefetch, 0)
-        fields = self.records.fields
-        if IMAGE not in fields or fields[IMAGE].dtype != np.uint8 or len(fields[IMAGE].shape) != 3:
-            raise ValueError(f"source: needs a uint8 (height, width, channels) {IMAGE!r} field, got {fields}")
-        if LABEL not in fields or fields[LABEL].shape != () or fields[LABEL].dtype.kind not in "iu":
-            raise ValueError(f"source: needs an integer scalar {LABEL!r} field, got {fields}")
-        if "x" in fields:
-            raise ValueError(f"source: a field may not be named 'x' (the images' key in a batch), got {sorted(fields)}")
+        _check_fields(self.records.fields)
         rows = range(len(self.records)) if rows is None else rows
         if rows.step != 1 or not 0 <= rows.start < rows.stop <= len(self.records):
             raise ValueError(f"rows: must be a non-empty range of step 1 within [0, {len(self.records)}), got {rows}")
@@ -470,6 +509,16 @@ class StreamingDataset:
     def class_names(self) -> tuple[str, ...] | None:
         """The label names, when the source records them."""
         return self.records.class_names
+
+    def check_rows(self) -> np.ndarray:
+        """This view's first row and those holding a field's extreme or first non-finite value, as recorded.
+
+        What `fit` checks against the model before training, as it checks every row of arrays in memory: labels
+        beyond the model's classes or NaN inputs are found from the writer's record without reading the set.
+        """
+        recorded = np.asarray(getattr(self.records, "check_rows", ()), np.int64)
+        inside = recorded[(recorded >= self.rows.start) & (recorded < self.rows.stop)] - self.rows.start
+        return np.unique(np.concatenate([[0], inside]))
 
     def take(self, indices: Sequence[int] | np.ndarray) -> batching.Batch:
         """Rows `indices` of this view in memory, decoded as in a batch ({'x', 'y'}, no mask): e.g. a model's sample."""

@@ -293,11 +293,6 @@ def test_writing_into_a_folder_that_holds_shards_is_refused(shard_dir):
         shards.write_arrays(shard_dir, np.zeros((2, 4, 4), np.uint8), np.zeros(2, np.int32))
 
 
-def test_float_images_are_refused_with_the_conversion_to_use(tmp_path):
-    with pytest.raises(ValueError, match=r"images must be uint8 .*astype\(np.uint8\)"):
-        shards.write_arrays(tmp_path / "f", np.zeros((2, 4, 4), np.float32), np.zeros(2, np.int32))
-
-
 @pytest.mark.parametrize("kwargs, match", [({"batch_size": 0}, "batch_size"), ({"process_count": 3}, "process_count")])
 def test_bad_batch_settings_are_rejected_by_name(shard_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -428,3 +423,76 @@ def test_the_experiment_rejects_a_bad_flag_with_one_error_line(flag, message, ca
     assert exit_.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and message in errors[0]
+
+
+SMALL_RUN = ["--copies=1", "--steps=4", "--rounds=1", "--dataset=digits", "--limit=50"]
+
+
+def test_the_experiment_refuses_a_train_shards_folder_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "train_shards").mkdir()
+    (tmp_path / "train_shards" / "mine.txt").write_text("a user's file")
+    with pytest.raises(SystemExit) as exit_:
+        experiment.main([*SMALL_RUN, f"--out={tmp_path}"])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "argument --out:" in errors[0] and "did not write (['mine.txt'])" in errors[0]
+    assert (tmp_path / "train_shards" / "mine.txt").read_text() == "a user's file"
+
+
+def test_the_experiment_replaces_only_a_set_it_wrote(tmp_path):
+    shard_dir = experiment.fresh_shard_dir(tmp_path)
+    shards.write_arrays(shard_dir, np.zeros((4, 2, 2), np.uint8), np.zeros(4, np.int32), records_per_shard=2)
+    assert experiment.fresh_shard_dir(tmp_path) == shard_dir
+    assert [p.name for p in shard_dir.iterdir()] == [experiment.MARKER]
+    shutil.copytree(shard_dir, tmp_path / "copy")
+    (tmp_path / "copy" / experiment.MARKER).unlink()
+    shards.write_arrays(tmp_path / "copy", np.zeros((4, 2, 2), np.uint8), np.zeros(4, np.int32))
+    shutil.rmtree(shard_dir)
+    (tmp_path / "copy").rename(shard_dir)  # a set of shards this experiment did not mark
+    with pytest.raises(experiment.flags.ConfigError, match="no written-by-experiments-streaming.json"):
+        experiment.fresh_shard_dir(tmp_path)
+    assert len(streaming.StreamingDataset(shard_dir)) == 4
+
+
+def test_the_experiment_on_a_full_disk_exits_1_with_one_line_and_no_partial_shards(tmp_path, monkeypatch, capsys):
+    class FullDisk:
+        def __init__(self, path, options):
+            open(path, "wb").close()
+
+        def write(self, record):
+            raise RuntimeError("RESOURCE_EXHAUSTED: No space left on device")
+
+        def close(self):
+            raise RuntimeError("RESOURCE_EXHAUSTED: No space left on device")
+
+    monkeypatch.setattr(shards.array_record_module, "ArrayRecordWriter", FullDisk)
+    with pytest.raises(SystemExit) as exit_:
+        experiment.main([*SMALL_RUN, f"--out={tmp_path}"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    assert f"{tmp_path / 'train_shards'}: writing shards failed" in err
+    assert [p.name for p in (tmp_path / "train_shards").iterdir()] == [experiment.MARKER]
+
+
+def test_rounds_continue_one_epoch_where_the_whole_run_fits_in_it():
+    config = experiment.Config(steps=1280, rounds=4)
+    large = [experiment.round_settings(2_400_000, config, r) for r in range(4)]
+    assert large == [
+        {"initial_epoch": 0, "epochs": 1, "initial_step": 320 * r, "steps_per_epoch": 320 * (r + 1)} for r in range(4)
+    ]
+    assert experiment.round_settings(60_000, config, 2) == {"initial_epoch": 2, "epochs": 3, "steps_per_epoch": 320}
+
+
+def test_rounds_inside_one_epoch_train_as_one_fit_of_their_steps(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 4)).astype(np.float32), rng.integers(0, 3, 200)
+    dataset = streaming.StreamingDataset(shards.write_arrays(tmp_path / "s", x, y))
+    config = experiment.Config(steps=8, rounds=2, batch_size=8, steps_per_execution=1)
+    start = state = training.create_train_state(models.MLP(num_classes=3), x[:1])
+    for round_ in range(2):
+        state, _ = experiment.train(state, dataset, None, config, round_)
+    whole, _ = training.fit(start, dataset, epochs=1, steps_per_epoch=8, batch_size=8, verbose=0)
+    assert int(state.step) == int(whole.step) == 8
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(whole.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
