@@ -99,9 +99,17 @@ def _checked(state: TrainState, source: sources.Source) -> sources.Source:
 
 
 def _layout(source: sources.Source, batch_size: int, strategy: parallel.Strategy) -> batching.Layout:
-    """The batch layout of `source` for this strategy: padded to its device count, this process's share."""
+    """The batch layout of `source` for this strategy: padded to its device count, this process's share.
+
+    A source whose data decides its batch size (an iterable's, a folder dataset's) is cut at that size, as Keras
+    takes a dataset's batches whatever fit's `batch_size`.
+    """
     return batching.Layout(
-        source.num_examples, batch_size, strategy.num_replicas, strategy.process_index, strategy.process_count
+        source.num_examples,
+        source.batch_size or batch_size,
+        strategy.num_replicas,
+        strategy.process_index,
+        strategy.process_count,
     )
 
 
@@ -251,6 +259,7 @@ def fit(
     steps_per_execution: StepsPerExecution = 1,
     data_on_device: bool | None = None,
     steps_per_epoch: int | None = None,
+    validation_steps: int | None = None,
 ) -> tuple[TrainState, History]:
     """Train as Keras's `model.fit` does; returns the trained state and a `History`.
 
@@ -269,6 +278,9 @@ def fit(
     `data_on_device` keeps x and y on the device(s), moving only each epoch's index order; None decides by size
     (`sources.RESIDENT_SHARE` of one device's memory). `steps_per_epoch` (Keras's) cuts each epoch to its first
     that many steps, e.g. to train a fixed number of steps on a large streamed set.
+    `x` may also be any iterable of (x, y) batches (a generator, a grain dataset, a tf.data `as_numpy_iterator()`,
+    a torch DataLoader): `sources.IterableSource`, its epochs `len(x)` or `steps_per_epoch` batches long;
+    `validation_data` too, `validation_steps` batches long when it has no length.
     """
     epochs = checks.positive_int("epochs", epochs)
     if steps_per_epoch is not None:
@@ -276,17 +288,18 @@ def fit(
     checks.positive_int("batch_size", batch_size)
     initial_epoch = checks.integer("initial_epoch", initial_epoch, low=0, high=epochs)
     initial_step = checks.non_negative_int("initial_step", initial_step)
-    given = _checked(state, sources.from_data(x, y))
+    given = _checked(state, sources.from_data(x, y, steps=steps_per_epoch))
     callbacks = _as_callbacks(callbacks)
     train, held_out = given.split(checks.fraction("validation_split", validation_split))
+    sources.warn_if_one_class(train, held_out)
     if validation_data is not None and held_out is None:
-        held_out = _checked(state, sources.from_validation_data(validation_data))
+        held_out = _checked(state, sources.from_validation_data(validation_data, validation_steps))
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose
     strategy = parallel.get_strategy(strategy)
     train = train.placed(strategy, data_on_device, epochs - initial_epoch)
     layout = _layout(train, batch_size, strategy)
     steps_in_epoch = layout.steps if steps_per_epoch is None else min(layout.steps, steps_per_epoch)
-    n = min(train.num_examples, steps_in_epoch * batch_size)
+    n = min(train.num_examples, steps_in_epoch * layout.batch_size)
     executor = Executor(strategy, steps_per_execution, steps_in_epoch)
     preemption_service = _preemption_service_on(strategy)
     signals = (signal.SIGINT,) if preemption_service else (signal.SIGINT, signal.SIGTERM)
@@ -312,7 +325,7 @@ def fit(
             # (the fingerprint reads rows, so only when a callback will look).
             data_layout = {
                 "num_examples": given.num_examples,
-                "batch_size": batch_size,
+                "batch_size": layout.batch_size,
                 "validation_split": float(validation_split),
                 "shuffle": bool(shuffle),
                 "seed": seed,
@@ -379,10 +392,14 @@ def evaluate(
     strategy: parallel.Strategy | str | None = None,
     steps_per_execution: StepsPerExecution = 1,
     data_on_device: bool | None = None,
+    steps: int | None = None,
 ) -> dict[str, float]:
-    """Keras's `model.evaluate`: mean loss and accuracy over (x, y), or over a streaming dataset."""
+    """Keras's `model.evaluate`: mean loss and accuracy over (x, y), a streaming dataset or an iterable of batches.
+
+    `steps`: the batches to read from an iterable without a length (e.g. a generator).
+    """
     checks.positive_int("batch_size", batch_size)
-    source = _checked(state, sources.from_data(x, y))
+    source = _checked(state, sources.from_data(x, y, steps=steps, steps_name="steps"))
     if not source.has_labels:
         raise ValueError("y: evaluate needs the labels of x")
     strategy = parallel.get_strategy(strategy)
@@ -402,10 +419,14 @@ def predict(
     strategy: parallel.Strategy | str | None = None,
     steps_per_execution: StepsPerExecution = 1,
     data_on_device: bool | None = None,
+    steps: int | None = None,
 ) -> np.ndarray:
-    """Keras's `model.predict`: output probabilities (softmax or sigmoid), one row per sample."""
+    """Keras's `model.predict`: output probabilities (softmax or sigmoid), one row per sample.
+
+    `x` as `evaluate` takes it (labels in it are not read); `steps` as there.
+    """
     checks.positive_int("batch_size", batch_size)
-    source = _checked(state, sources.from_data(x))
+    source = _checked(state, sources.from_data(x, steps=steps, steps_name="steps"))
     strategy = parallel.get_strategy(strategy)
     source = source.placed(strategy, data_on_device)
     layout = _layout(source, batch_size, strategy)
