@@ -28,7 +28,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from flaxlesson import batching, checks, streaming
+from flaxlesson import batching, checks, datasets, streaming
 
 logger = logging.getLogger(__name__)
 
@@ -428,3 +428,42 @@ def write_directory(
             images = np.stack([folder.decoder.uint8(folder.file_paths[i]) for i in rows])
             writer.write({streaming.IMAGE: images, streaming.LABEL: folder.labels[start : rows.stop]})
     return Path(out_dir)
+
+
+TEST_SPLIT = 0.1
+"""The share of a single image folder that `load_image_folder` holds out as its test set (Keras's last fraction)."""
+
+
+def load_image_folder(
+    directory: str | os.PathLike,
+    *,
+    image_size: tuple[int, int] = (28, 28),
+    color_mode: str = "grayscale",
+    seed: int = 0,
+    test_split: float = TEST_SPLIT,
+) -> datasets.ImageData:
+    """A class-per-subfolder image folder in memory as `data.ImageData` (float32 in [0, 1]), for the lesson scripts.
+
+    A folder holding `train/` and `test/` (each with a subfolder per class) gives those two sets; any other
+    folder is split as `image_dataset_from_directory(subset='both', validation_split=test_split, seed=seed)`
+    splits it. Images are decoded as that loader decodes them and scaled by 1/255, as every image source is.
+    """
+    options = {"image_size": image_size, "color_mode": color_mode, "seed": seed, "batch_size": None}
+    root = Path(directory)
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train = image_dataset_from_directory(root / "train", **options)
+        test = image_dataset_from_directory(root / "test", class_names=train.class_names, **options)
+        how = f"{root}/train and {root}/test"
+    else:
+        train, test = image_dataset_from_directory(root, validation_split=test_split, subset="both", **options)
+        how = f"{root}, its last {test_split:.0%} (seed {seed}) as the test set"
+    train_rows, test_rows = train.take(np.arange(train.num_examples)), test.take(np.arange(test.num_examples))
+    return datasets.ImageData(
+        np.divide(train_rows["x"], np.float32(255), dtype=np.float32),
+        train_rows["y"],
+        np.divide(test_rows["x"], np.float32(255), dtype=np.float32),
+        test_rows["y"],
+        name=f"folder {root.name}",
+        source=f"image folder {how}",
+        class_names=train.class_names,
+    )

@@ -220,3 +220,32 @@ def test_listing_logs_keras_found_message(folder, caplog):
     with caplog.at_level(logging.INFO, logger="flaxlesson.folders"):
         _dataset(root, seed=1)
     assert "Found 11 files belonging to 3 classes." in caplog.text
+
+
+def _class_folder(root, per_class=5, classes=("ankle", "bag", "coat"), size=28):
+    rng = np.random.default_rng(1)
+    for label, name in enumerate(classes):
+        for i in range(per_class):
+            pixels = rng.integers(0, 60, (size + i, size), dtype=np.uint8) + np.uint8(60 * label)
+            _save(root / name / f"{i}.png", pixels)
+    return root
+
+
+def test_load_image_folder_reads_train_and_test_subfolders_scaled_to_0_1(tmp_path):
+    _class_folder(tmp_path / "train", per_class=3)
+    _class_folder(tmp_path / "test", per_class=2)
+    images = folders.load_image_folder(tmp_path)
+    assert images.x_train.shape == (9, 28, 28, 1) and images.x_test.shape == (6, 28, 28, 1)
+    assert images.class_names == ("ankle", "bag", "coat") and 0 <= images.x_train.min() <= images.x_train.max() <= 1
+    assert sorted(images.y_test.tolist()) == [0, 0, 1, 1, 2, 2]
+
+
+def test_cnn_mnist_script_trains_the_lesson_cnn_on_a_folder(tmp_path):
+    from experiments import cnn_mnist
+
+    root = _class_folder(tmp_path / "images", per_class=10)
+    config = cnn_mnist.Config(dataset="folder", data_dir=str(root), epochs=1, batch_size=8, out=str(tmp_path / "out"))
+    metrics = cnn_mnist.run(config)
+    assert metrics["train_test_sizes"] == [27, 3]  # the last 10% of the 30 shuffled files is the test set
+    assert list(metrics["class_names"]) == ["ankle", "bag", "coat"]
+    assert np.isfinite(metrics["test_loss"]) and metrics["dataset"] == "folder images"
