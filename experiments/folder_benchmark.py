@@ -55,7 +55,7 @@ class Config(flags.Config):
     batch_size: int = 64
     steps_per_execution: int | str = 64
     dataset: str = "idx"
-    data_dir: str | None = data.DEBIAN_FASHION_MNIST
+    data_dir: str | None = None  # with --dataset idx: Debian's Fashion-MNIST IDX files unless given
     workers: int = 0
     prefetch: int = 0
     rounds: int = 4
@@ -137,7 +137,8 @@ def _median(values: list[float]) -> float | None:
 def run(config: Config) -> dict[str, Any]:
     """Write the folder and its shards, train from each source and from memory in alternating rounds; metrics."""
     try:
-        images = data.load_images(config.dataset, config.data_dir)
+        data_dir = config.data_dir or (data.DEBIAN_FASHION_MNIST if config.dataset == "idx" else None)
+        images = data.load_images(config.dataset, data_dir)
     except (ValueError, data.DatasetUnavailableError) as e:
         raise flags.ConfigError("dataset", str(e)) from None
     images = images.head(config.images)

@@ -122,7 +122,8 @@ class FolderDataset:
     `batch_size` rows a step (Keras's dataset is batched; None leaves it to fit's `batch_size`), decoded by
     grain in this process (`prefetch` batches ahead on a thread) or in `worker_count` processes.
     `file_paths` and `class_names` are Keras's attributes; `labels` the class index of each file (None when
-    `label_mode` is None), `label_mode` how a batch carries them.
+    `label_mode` is None), `label_mode` how a batch carries them. `shuffle` False keeps the files' order in every
+    epoch whatever fit's `shuffle`, as Keras's unshuffled dataset does; True lets fit reshuffle each epoch.
     """
 
     file_paths: tuple[str, ...]
@@ -133,6 +134,7 @@ class FolderDataset:
     batch_size: int | None = 32
     worker_count: int = 0
     prefetch: int = 0
+    shuffle: bool = True
 
     @property
     def num_examples(self) -> int:
@@ -196,7 +198,7 @@ class FolderDataset:
             "start_step", start_step, low=0, high=layout.steps
         )
         stop = (epoch + checks.positive_int("num_epochs", num_epochs)) * layout.steps
-        loader = _LoadBatch(self, layout, checks.non_negative_int("seed", seed), bool(shuffle))
+        loader = _LoadBatch(self, layout, checks.non_negative_int("seed", seed), bool(shuffle) and self.shuffle)
         return streaming.BatchIterator(self._pipeline(loader, start, stop), start, stop)
 
     def _pipeline(self, loader: _LoadBatch, start: int, stop: int) -> grain.IterDataset:
@@ -376,7 +378,9 @@ def image_dataset_from_directory(
 
     def dataset(side: str | None) -> FolderDataset:
         files, side_labels = (paths, indices) if side is None else _side(paths, indices, validation_split, side)
-        return FolderDataset(tuple(files), side_labels, names, label_mode, decoder, batch_size, worker_count, prefetch)
+        return FolderDataset(
+            tuple(files), side_labels, names, label_mode, decoder, batch_size, worker_count, prefetch, bool(shuffle)
+        )
 
     if subset == "both":
         return dataset("training"), dataset("validation")

@@ -190,6 +190,13 @@ def test_batches_are_iterate_batches_over_the_decoded_files(folder):
             np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_an_unshuffled_folder_keeps_its_order_whatever_the_shuffle_asked_of_its_batches(folder):
+    root, _ = folder
+    dataset = _dataset(root, shuffle=False)
+    got = np.concatenate([batch["y"] for batch in dataset.batches(4, seed=3, shuffle=True)])
+    np.testing.assert_array_equal(got[: dataset.num_examples], dataset.labels)
+
+
 def test_fit_evaluate_and_predict_train_the_lesson_cnn_on_a_folder(folder):
     root, _ = folder
     dataset = data.image_dataset_from_directory(root, color_mode="grayscale", image_size=(12, 12), seed=0, batch_size=4)
@@ -249,3 +256,17 @@ def test_cnn_mnist_script_trains_the_lesson_cnn_on_a_folder(tmp_path):
     assert metrics["train_test_sizes"] == [27, 3]  # the last 10% of the 30 shuffled files is the test set
     assert list(metrics["class_names"]) == ["ankle", "bag", "coat"]
     assert np.isfinite(metrics["test_loss"]) and metrics["dataset"] == "folder images"
+
+
+def test_folder_benchmark_trains_from_the_folder_its_shards_and_memory(tmp_path):
+    from experiments import folder_benchmark
+
+    config = folder_benchmark.Config(
+        dataset="digits", data_dir=None, images=60, steps=2, rounds=1, batch_size=16, steps_per_execution=1,
+        out=str(tmp_path),
+    )  # fmt: skip
+    metrics = folder_benchmark.run(config)
+    for name in folder_benchmark.SOURCES:
+        assert len(metrics[f"{name}_samples_per_second_per_round"]) == 1 and metrics[f"{name}_peak_rss_bytes"] > 0
+    assert metrics["num_images"] == 60 and len(list((tmp_path / "folder").rglob("*.png"))) == 60
+    assert metrics["folder_profile"]["decode_png_us_per_image"] > 0
