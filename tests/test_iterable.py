@@ -1,5 +1,6 @@
 import logging
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -53,6 +54,15 @@ def test_a_list_of_batches_restarts_each_epoch_and_sets_the_batch_size(array_fit
     # fit's batch_size is not the batches': as in Keras, the iterable's own batches are the steps.
     state, _ = training.fit(_state(), _batches(x, y), epochs=2, batch_size=32, verbose=0)
     _assert_same_params(state, array_fit[0])
+
+
+def test_a_grain_dataset_of_batches_trains_as_the_arrays(array_fit):
+    x, y = _toy()
+    batches = grain.MapDataset.source(_batches(x, y))
+    state, _ = training.fit(_state(), batches, epochs=2, verbose=0)  # its len() is an epoch
+    _assert_same_params(state, array_fit[0])
+    state, _ = training.fit(_state(), batches.to_iter_dataset(), epochs=2, steps_per_epoch=3, verbose=0)
+    _assert_same_params(state, array_fit[0])  # an IterDataset has no len(); it restarts each epoch
 
 
 def test_evaluate_and_predict_read_a_generator_for_steps_batches():
