@@ -114,7 +114,7 @@ class _LoadBatch:
         return {**self.dataset.take(rows), "mask": mask}
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed as itself: its labels are an array
 class FolderDataset:
     """Image files and their labels, decoded as they are read: what `image_dataset_from_directory` returns.
 

@@ -190,6 +190,16 @@ def test_batches_are_iterate_batches_over_the_decoded_files(folder):
             np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_worker_processes_decode_the_same_batches(folder):
+    root, _ = folder
+    expected = list(_dataset(root, seed=5).batches(4, seed=2))
+    got = list(_dataset(root, seed=5, worker_count=1).batches(4, seed=2))
+    assert len(got) == len(expected) == 3
+    for a, b in zip(got, expected):
+        for key in b:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_an_unshuffled_folder_keeps_its_order_whatever_the_shuffle_asked_of_its_batches(folder):
     root, _ = folder
     dataset = _dataset(root, shuffle=False)
