@@ -2,6 +2,7 @@
 
 python experiments/cnn_mnist.py --dataset auto --out runs/cnn_mnist
 python experiments/cnn_mnist.py --dataset idx --data-dir /usr/share/datasets/fashion-mnist --out runs/cnn_fmnist
+python experiments/cnn_mnist.py --dataset folder --data-dir DIR   # a folder per class (or DIR/train, DIR/test)
 python experiments/cnn_mnist.py --labels one-hot      # the lesson as written: to_categorical + categorical_crossentropy
 python experiments/cnn_mnist.py --dtype bfloat16      # Keras's mixed_bfloat16: bfloat16 compute, float32 params
 python experiments/cnn_mnist.py --save-model runs/cnn_model   # then: experiments/predict.py --model runs/cnn_model
@@ -19,7 +20,7 @@ import sklearn.metrics
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import flags  # noqa: E402
-from flaxlesson import augment, checkpoint, data, models, plots, results, training  # noqa: E402
+from flaxlesson import augment, checkpoint, data, folders, models, plots, results, training  # noqa: E402
 from flaxlesson.resume import resume_or_start  # noqa: E402
 
 LABELS = {"sparse": "sparse_categorical_crossentropy", "one-hot": "categorical_crossentropy"}
@@ -32,6 +33,12 @@ class Config(flags.Config):
     """The section's settings; the defaults are the lesson's."""
 
     FLAGS = {
+        "dataset": flags.Flag(
+            "image source; auto takes TFDS mnist if prepared, else Debian's Fashion-MNIST, else digits; folder: "
+            "--data-dir's images, a subfolder per class, read as Keras's image_dataset_from_directory reads them "
+            "(grayscale, 28x28; DIR/train and DIR/test if both are there, else its last 10% is the test set)",
+            choices=(*data.IMAGE_DATASETS, "folder"),
+        ),
         "augment": flags.Flag("augment every training batch on the device with the lesson's ImageDataGenerator", None),
         "labels": flags.Flag(
             "sparse: class indices + sparse_categorical_crossentropy; one-hot: the lesson's to_categorical + "
@@ -77,6 +84,10 @@ class Config(flags.Config):
 def load(config: Config) -> data.ImageData:
     """The images the config names; a source that is not there is a ConfigError of --dataset."""
     try:
+        if config.dataset == "folder":
+            if config.data_dir is None:
+                raise ValueError("--dataset folder needs --data-dir, the folder of images (a subfolder per class)")
+            return folders.load_image_folder(config.data_dir, seed=config.seed).head(config.limit)
         return data.load_images(config.dataset, config.data_dir).head(config.limit)
     except (ValueError, data.DatasetUnavailableError) as e:
         raise flags.ConfigError("dataset", str(e)) from None

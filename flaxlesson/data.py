@@ -1,7 +1,8 @@
 """The data layer's public face: `data.X` for everything a lesson script reads, wherever it lives.
 
 `batching` holds the one batch iterator, Keras's validation split and `to_categorical`, `datasets` the sources
-(Iris, images), `sequences` Keras's `pad_sequences`. This module only gathers their public names.
+(Iris, images), `folders` Keras's `image_dataset_from_directory`, `sequences` Keras's `pad_sequences`. This
+module only gathers their public names.
 """
 
 from flaxlesson.batching import (
@@ -33,6 +34,7 @@ from flaxlesson.datasets import (
     read_idx,
     tfds_prepared,
 )
+from flaxlesson.folders import FolderDataset, ImageFileError, image_dataset_from_directory
 from flaxlesson.sequences import pad_sequences
 
 __all__ = [
@@ -45,8 +47,11 @@ __all__ = [
     "TFDS_DATASETS",
     "Batch",
     "DatasetUnavailableError",
+    "FolderDataset",
     "ImageData",
+    "ImageFileError",
     "idx_paths",
+    "image_dataset_from_directory",
     "iterate_batches",
     "load_digits",
     "load_idx",

@@ -2,13 +2,15 @@
 
 A source yields one input per step, cut by `batching.Layout` in `batching.epoch_order` to this process's share of
 the global batch: a host batch {'x', 'y', 'mask'}, or, when the arrays are resident on the device(s), only the
-rows {'index', 'mask'} that the compiled call gathers there. Every source starts an epoch at any step without
-reading the steps before it. `from_data` is the one place that asks what kind of data it was given.
+rows {'index', 'mask'} that the compiled call gathers there. Every source but an iterable of batches starts an epoch
+at any step without reading the steps before it. `from_data` is the one place that asks what kind of data it was
+given: arrays, a streamed dataset, or any iterable of (x, y) batches (a generator, a torch DataLoader, ...).
 """
 
 import hashlib
 import itertools
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -23,6 +25,8 @@ RESIDENT_SHARE = 0.25
 FINGERPRINT_ROWS = 64
 """Rows, evenly spread, that a source's fingerprint reads beside its size and shapes."""
 
+logger = logging.getLogger(__name__)
+
 
 def nbytes(tree: Any) -> int:
     """Bytes of every array in `tree`."""
@@ -34,6 +38,8 @@ class Source(Protocol):
 
     num_examples: int
     has_labels: bool
+    batch_size: int | None
+    """The rows of each batch when the data decides them (an iterable's, a folder dataset's); None: fit's batch_size."""
     data: Batch | None
     """The arrays resident on the devices that every compiled call reads rows from; None when inputs are batches."""
 
@@ -95,21 +101,73 @@ def scaled_inputs(x: Any) -> Any:
     return scaled_images(x)
 
 
-def from_data(x: Any, y: Any | None = None) -> Source:
-    """The source of `x` (and labels `y`): arrays in memory (uint8 inputs scaled), or a streaming dataset."""
-    if isinstance(x, Streamable):
+def is_batches(x: Any) -> bool:
+    """Whether `x` is an iterable of batches: no array, dict or string, and a list or tuple only of (x, y) tuples."""
+    if isinstance(x, (np.ndarray, jax.Array, dict, str, bytes)) or hasattr(x, "__array__"):
+        return False
+    if isinstance(x, (list, tuple)):
+        return bool(x) and isinstance(x[0], tuple) and len(x[0]) in (1, 2) and not np.isscalar(x[0][0])
+    return isinstance(x, Iterable)
+
+
+def from_data(x: Any, y: Any | None = None, *, steps: int | None = None, steps_name: str = "steps_per_epoch") -> Source:
+    """The source of `x` (and labels `y`): arrays in memory (uint8 inputs scaled), a stream, or batches.
+
+    `steps` (Keras's `steps_per_epoch`, `validation_steps` or `steps`, named by `steps_name` in errors) is the
+    batches an epoch reads from an iterable without a length.
+    """
+    if isinstance(x, Streamable) or is_batches(x):
         if y is not None:
-            raise ValueError("y: a streaming dataset carries its own labels; pass y=None")
-        return StreamSource(x)
+            raise ValueError("y: a streaming dataset or an iterable of batches carries its own labels; pass y=None")
+        return StreamSource(x) if isinstance(x, Streamable) else IterableSource(x, steps, steps_name)
     return ArraySource(scaled_inputs(x), None if y is None else np.asarray(y))
 
 
-def from_validation_data(validation_data: Any) -> Source:
-    """Keras's `validation_data`: an (x, y) pair, or a streaming dataset standing for both."""
-    if isinstance(validation_data, Streamable):
-        return StreamSource(validation_data)
+def from_validation_data(validation_data: Any, steps: int | None = None) -> Source:
+    """Keras's `validation_data`: an (x, y) tuple, a streaming dataset, or an iterable of batches (`steps` of them)."""
+    if isinstance(validation_data, Streamable) or is_batches(validation_data):
+        return from_data(validation_data, steps=steps, steps_name="validation_steps")
     x, y = validation_data
     return from_data(x, y)
+
+
+def _classes(y: Any) -> np.ndarray | None:
+    """The classes labels `y` hold (class indices, one-hot or binary rows); None for labels that are not classes."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] > 1:
+        return np.unique(y.argmax(axis=1))
+    if y.ndim not in (1, 2) or y.size != len(y) or y.dtype.kind not in "biuf":
+        return None
+    if y.dtype.kind == "f" and not np.all(y == np.round(y)):
+        return None
+    return np.unique(y)
+
+
+def _labels(source: "Source") -> Any:
+    """A source's labels when they are at hand without reading its inputs: arrays', a folder dataset's."""
+    if isinstance(source, ArraySource):
+        return source.y
+    return getattr(getattr(source, "dataset", None), "labels", None)
+
+
+def warn_if_one_class(train: "Source", validation: "Source | None") -> None:
+    """Warn when the held-out validation labels hold one class while the training labels hold several.
+
+    `validation_split` takes the last fraction before any shuffle, as Keras's; a set ordered by class then
+    validates on its last class alone.
+    """
+    if validation is None or _labels(train) is None or _labels(validation) is None:
+        return
+    held, kept = _classes(_labels(validation)), _classes(_labels(train))
+    if held is not None and kept is not None and len(held) == 1 and len(kept) > 1:
+        logger.warning(
+            "validation_split: the held-out validation samples (the last %d) all hold class %s while the training "
+            "samples hold %d classes: the data looks ordered by class; shuffle it before fit (validation_split "
+            "takes the last fraction before shuffling, as in Keras)",
+            validation.num_examples,
+            held[0],
+            len(kept),
+        )
 
 
 def fingerprint(source: Source) -> str:
@@ -127,6 +185,7 @@ class ArraySource:
     """Arrays in host memory: each step's batch is sliced from them on the host and placed by the strategy."""
 
     data = None
+    batch_size = None
 
     def __init__(self, x: Any, y: np.ndarray | None):
         self.x, self.y = x, y
@@ -200,11 +259,12 @@ class StreamSource:
     """
 
     data = None
-    has_labels = True
 
     def __init__(self, dataset: Streamable, epochs: int = 1):
         self.dataset, self.epochs = dataset, epochs
         self.num_examples = dataset.num_examples
+        self.has_labels = getattr(dataset, "has_labels", True)
+        self.batch_size = getattr(dataset, "batch_size", None)
         self._open: tuple[Any, tuple, int] | None = None  # iterator, (layout, seed, shuffle), position of its next
 
     def rows_to_check(self) -> tuple[Any, Any]:
@@ -213,7 +273,7 @@ class StreamSource:
 
     def take(self, indices: np.ndarray) -> tuple[Any, Any]:
         rows = self.dataset.take(indices)
-        return rows["x"], rows["y"]
+        return rows["x"], rows.get("y")
 
     def split(self, validation_split: float) -> tuple["StreamSource", "StreamSource | None"]:
         train, validation = self.dataset.split(validation_split)
@@ -228,7 +288,8 @@ class StreamSource:
         """The first rows, read directly (no iterator is opened)."""
         size = layout.size // layout.process_count
         x, y = self.take(np.arange(size) % self.num_examples)
-        return {"x": x, "y": y, "mask": np.ones(size, np.float32)}
+        batch = {"x": x, "mask": np.ones(size, np.float32)}
+        return batch if y is None else {**batch, "y": y}
 
     def epoch_inputs(
         self, layout: Layout, *, seed: int = 0, epoch: int = 0, shuffle: bool = False, start_step: int = 0
@@ -277,3 +338,107 @@ def fits_on_device(x: Any, y: Any, strategy: parallel.Strategy, share: float = R
     if strategy.process_count > 1:
         return False
     return nbytes((x, y)) <= share * parallel.device_memory_bytes(strategy)
+
+
+def _as_batch(item: Any) -> tuple[Any, Any]:
+    """One batch an iterable yields, (x, y), (x,) or x (a dict of arrays too), as host arrays (x, y or None)."""
+    if isinstance(item, (tuple, list)):
+        if len(item) == 3:
+            raise ValueError("x: batches of (x, y, sample_weight) are not supported; yield (x, y)")
+        if len(item) not in (1, 2):
+            raise ValueError(f"x: an iterable's batches must be (x, y), (x,) or x, got a sequence of {len(item)}")
+        x, y = item[0], item[1] if len(item) == 2 else None
+    else:
+        x, y = item, None
+    x = scaled_inputs(jax.tree.map(np.asarray, x))
+    return x, None if y is None else np.asarray(y)
+
+
+class IterableSource:
+    """Any iterable of (x, y) batches: a generator, a grain dataset, a tf.data `as_numpy_iterator()`, a DataLoader.
+
+    Its first batch's size is every step's compiled size: a smaller batch (a last short one) is padded by
+    `batching.Layout` with copies of its first row and masked, as an array's last batch is. An epoch is `len()`
+    batches, or `steps` (Keras's `steps_per_epoch`) for an iterable without a length. An iterable that restarts
+    (a list, a DataLoader) starts again each epoch; an iterator (a generator) goes on where the last epoch
+    stopped, and when it runs out, a warning says so and the fit stops, as Keras's does. The batches keep their
+    own order (`shuffle` does not apply), and a resumed epoch reads and drops the batches before its step.
+    """
+
+    data = None
+
+    def __init__(self, batches: Iterable, steps: int | None = None, steps_name: str = "steps_per_epoch"):
+        self.batches, self.one_shot = batches, iter(batches) is batches
+        iterator = iter(batches)
+        try:
+            first = next(iterator)
+        except StopIteration:
+            raise ValueError("x: the iterable yields no batches") from None
+        self._iterator = itertools.chain([first], iterator) if self.one_shot else None
+        self.first = _as_batch(first)
+        if hasattr(batches, "__len__"):
+            steps = len(batches)
+        elif steps is None:
+            raise ValueError(f"{steps_name}: an iterable without a length (e.g. a generator) needs {steps_name}")
+        self.steps = checks.positive_int(steps_name, steps)
+        self.batch_size = batching.num_examples(self.first[0])
+        self.num_examples = self.steps * self.batch_size  # at most: a short batch holds fewer
+        self.has_labels = self.first[1] is not None
+
+    def rows_to_check(self) -> tuple[Any, Any]:
+        return self.first
+
+    def take(self, indices: np.ndarray) -> tuple[Any, Any]:
+        """Rows of the first batch (indices taken modulo its size): an iterable has no other random access."""
+        rows = np.asarray(indices) % self.batch_size
+        x, y = self.first
+        return batching.take(x, rows), None if y is None else y[rows]
+
+    def split(self, validation_split: float) -> tuple["IterableSource", None]:
+        if validation_split:
+            raise ValueError(
+                "validation_split: an iterable of batches cannot be split, as in Keras; pass validation_data"
+            )
+        return self, None
+
+    def placed(self, strategy: parallel.Strategy, data_on_device: bool | None, epochs: int = 1) -> "IterableSource":
+        if data_on_device:
+            raise ValueError("data_on_device: an iterable of batches is read from the host as it trains")
+        return self
+
+    def padded(self, x: Any, y: Any, layout: Layout, step: int) -> Batch:
+        """One batch as `Layout` lays out a batch: padded to its size, masked, this process's share."""
+        n = batching.num_examples(x)
+        if n > layout.batch_size or (y is not None and len(y) != n):
+            raise ValueError(
+                f"x: batch {step} of the iterable holds {n} inputs and {n if y is None else len(y)} labels; every "
+                f"batch needs as many of each, at most the first batch's {layout.batch_size}"
+            )
+        rows, mask = layout.step_rows(np.arange(n), 0)
+        batch = {"x": batching.take(x, rows), "mask": mask}
+        return batch if y is None else {**batch, "y": y[rows]}
+
+    def example_input(self, layout: Layout) -> Batch:
+        return self.padded(*self.first, layout, 0)
+
+    def epoch_inputs(
+        self, layout: Layout, *, seed: int = 0, epoch: int = 0, shuffle: bool = False, start_step: int = 0
+    ) -> Iterator[Batch]:
+        iterator = self._iterator if self.one_shot else iter(self.batches)
+        for step in range(layout.steps):
+            try:
+                item = next(iterator)
+            except StopIteration:
+                logger.warning(
+                    "x: the iterable ran out of batches at step %d of the %d of epoch %d; training stops here "
+                    "(give an iterable that restarts, such as a list or a DataLoader, or fewer steps_per_epoch)",
+                    step,
+                    layout.steps,
+                    epoch,
+                )
+                return
+            if step >= start_step:
+                yield self.padded(*_as_batch(item), layout, step)
+
+    def close(self) -> None:
+        """Nothing to end: the iterable is the caller's."""

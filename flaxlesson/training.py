@@ -99,9 +99,17 @@ def _checked(state: TrainState, source: sources.Source) -> sources.Source:
 
 
 def _layout(source: sources.Source, batch_size: int, strategy: parallel.Strategy) -> batching.Layout:
-    """The batch layout of `source` for this strategy: padded to its device count, this process's share."""
+    """The batch layout of `source` for this strategy: padded to its device count, this process's share.
+
+    A source whose data decides its batch size (an iterable's, a folder dataset's) is cut at that size, as Keras
+    takes a dataset's batches whatever fit's `batch_size`.
+    """
     return batching.Layout(
-        source.num_examples, batch_size, strategy.num_replicas, strategy.process_index, strategy.process_count
+        source.num_examples,
+        source.batch_size or batch_size,
+        strategy.num_replicas,
+        strategy.process_index,
+        strategy.process_count,
     )
 
 
@@ -271,6 +279,7 @@ def fit(
     steps_per_execution: StepsPerExecution = 1,
     data_on_device: bool | None = None,
     steps_per_epoch: int | None = None,
+    validation_steps: int | None = None,
 ) -> tuple[TrainState, History]:
     """Train as Keras's `model.fit` does; returns the trained state and a `History`.
 
@@ -289,21 +298,25 @@ def fit(
     `data_on_device` keeps x and y on the device(s), moving only each epoch's index order; None decides by size
     (`sources.RESIDENT_SHARE` of one device's memory). `steps_per_epoch` (Keras's) cuts each epoch to its first
     that many steps, e.g. to train a fixed number of steps on a large streamed set.
+    `x` may also be any iterable of (x, y) batches (a generator, a grain dataset, a tf.data `as_numpy_iterator()`,
+    a torch DataLoader): `sources.IterableSource`, its epochs `len(x)` or `steps_per_epoch` batches long;
+    `validation_data` too, `validation_steps` batches long when it has no length.
     """
     epochs, initial_epoch, initial_step = _checked_counts(
         epochs, batch_size, initial_epoch, initial_step, steps_per_epoch
     )
-    given = _checked(state, sources.from_data(x, y))
+    given = _checked(state, sources.from_data(x, y, steps=steps_per_epoch))
     callbacks = _as_callbacks(callbacks)
     train, held_out = given.split(checks.fraction("validation_split", validation_split))
+    sources.warn_if_one_class(train, held_out)
     if validation_data is not None and held_out is None:
-        held_out = _checked(state, sources.from_validation_data(validation_data))
+        held_out = _checked(state, sources.from_validation_data(validation_data, validation_steps))
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose
     strategy = parallel.get_strategy(strategy)
     train = train.placed(strategy, data_on_device, epochs - initial_epoch)
     layout = _layout(train, batch_size, strategy)
     steps_in_epoch = layout.steps if steps_per_epoch is None else min(layout.steps, steps_per_epoch)
-    n = min(train.num_examples, steps_in_epoch * batch_size)
+    n = min(train.num_examples, steps_in_epoch * layout.batch_size)
     executor = Executor(strategy, steps_per_execution, steps_in_epoch)
     preemption_service = _preemption_service_on(strategy)
     signals = (signal.SIGINT,) if preemption_service else (signal.SIGINT, signal.SIGTERM)
@@ -319,7 +332,7 @@ def fit(
                 state.loss, held_out, strategy, batch_size, steps_per_execution, data_on_device
             )
         if callbacks:
-            data_layout = _data_layout(given, train, batch_size, validation_split, shuffle, seed, run)
+            data_layout = _data_layout(given, train, validation_split, shuffle, seed, run)
             params = {"epochs": epochs, "steps": steps_in_epoch, "samples": n, "verbose": verbose}
             for callback in callbacks:
                 callback.set_params({**params, "layout": data_layout})
@@ -369,7 +382,6 @@ def _validation(
 def _data_layout(
     given: sources.Source,
     train: sources.Source,
-    batch_size: int,
     validation_split: float,
     shuffle: bool,
     seed: int,
@@ -381,7 +393,7 @@ def _data_layout(
     """
     return {
         "num_examples": given.num_examples,
-        "batch_size": batch_size,
+        "batch_size": run.layout.batch_size,
         "validation_split": float(validation_split),
         "shuffle": bool(shuffle),
         "seed": seed,
@@ -435,10 +447,14 @@ def evaluate(
     strategy: parallel.Strategy | str | None = None,
     steps_per_execution: StepsPerExecution = 1,
     data_on_device: bool | None = None,
+    steps: int | None = None,
 ) -> dict[str, float]:
-    """Keras's `model.evaluate`: mean loss and accuracy over (x, y), or over a streaming dataset."""
+    """Keras's `model.evaluate`: mean loss and accuracy over (x, y), a streaming dataset or an iterable of batches.
+
+    `steps`: the batches to read from an iterable without a length (e.g. a generator).
+    """
     checks.positive_int("batch_size", batch_size)
-    source = _checked(state, sources.from_data(x, y))
+    source = _checked(state, sources.from_data(x, y, steps=steps, steps_name="steps"))
     if not source.has_labels:
         raise ValueError("y: evaluate needs the labels of x")
     strategy = parallel.get_strategy(strategy)
@@ -458,10 +474,14 @@ def predict(
     strategy: parallel.Strategy | str | None = None,
     steps_per_execution: StepsPerExecution = 1,
     data_on_device: bool | None = None,
+    steps: int | None = None,
 ) -> np.ndarray:
-    """Keras's `model.predict`: output probabilities (softmax or sigmoid), one row per sample."""
+    """Keras's `model.predict`: output probabilities (softmax or sigmoid), one row per sample.
+
+    `x` as `evaluate` takes it (labels in it are not read); `steps` as there.
+    """
     checks.positive_int("batch_size", batch_size)
-    source = _checked(state, sources.from_data(x))
+    source = _checked(state, sources.from_data(x, steps=steps, steps_name="steps"))
     strategy = parallel.get_strategy(strategy)
     source = source.placed(strategy, data_on_device)
     layout = _layout(source, batch_size, strategy)
