@@ -21,6 +21,8 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from flaxlesson import checks
+
 Batch = dict[str, Any]
 Totals = dict[str, jax.Array]
 
@@ -174,6 +176,7 @@ def create_train_state(
     The initialisation is jitted: run op by op, the fast conv forms of `ops` took seconds for the CNN.
     """
     get_loss(loss)
+    checks.model_config(model)
     init = jax.jit(lambda key, x: apply_inputs(lambda inputs, **kw: model.init(key, inputs, **kw), x))
     params = init(jax.random.key(seed), sample_x)["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=optimizer or keras_adam(), loss=loss, model=model)

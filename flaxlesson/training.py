@@ -75,12 +75,9 @@ def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
     sample = jax.tree.map(lambda a: np.asarray(a)[:1], x)
     try:
         out = jax.eval_shape(lambda: core.forward(state, state.params, sample))
-    except flax.errors.ScopeParamShapeError as e:
-        shape = np.shape(x["x"] if isinstance(x, dict) else x)[1:]
-        raise ValueError(
-            f"x: samples of shape {shape} do not fit the model's parameters, which were initialised "
-            f"on inputs of another shape ({e})"
-        ) from e
+    except (flax.errors.ScopeParamShapeError, flax.errors.ScopeParamNotFoundError) as e:
+        raise _params_mismatch(state, sample, e) from e
+    checks.model_outputs("x", np.shape(sample["x"] if isinstance(sample, dict) else sample)[1:], out.shape)
     if y is None:
         return
     y = np.asarray(y)
@@ -89,6 +86,33 @@ def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
     if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y)):
         raise ValueError("y: labels must be finite, found NaN or infinity")
     core.get_loss(state.loss).check_labels(y, math.prod(out.shape[1:]))
+
+
+def _params_mismatch(state: TrainState, sample: Any, error: Exception) -> ValueError:
+    """Whom to blame when `state.params` do not fit its model on `sample`: the state, or the inputs x.
+
+    The model is initialised abstractly (`jax.eval_shape`, nothing computed) on `sample`: params of other layers,
+    or of more than one other shape, belong to another model; inputs of another shape change only the one kernel
+    their trailing axis reaches (the first layer's, or the first Dense after a flatten).
+    """
+    shape = np.shape(sample["x"] if isinstance(sample, dict) else sample)[1:]
+    if state.model is not None:
+        init = lambda i, **kw: state.model.init(jax.random.key(0), i, **kw)  # noqa: E731
+        wanted = jax.eval_shape(lambda: core.apply_inputs(init, sample))["params"]
+        same_layers = jax.tree.structure(wanted) == jax.tree.structure(state.params)
+        if (
+            not same_layers
+            or sum(np.shape(a) != np.shape(b) for a, b in zip(jax.tree.leaves(wanted), jax.tree.leaves(state.params)))
+            > 1
+        ):
+            return ValueError(
+                f"state: its params belong to another model than its {type(state.model).__name__}; pass the "
+                f"state that create_train_state made for this model ({error})"
+            )
+    return ValueError(
+        f"x: samples of shape {shape} do not fit the model's parameters, which were initialised on inputs of "
+        f"another shape ({error})"
+    )
 
 
 def _checked(state: TrainState, source: sources.Source) -> sources.Source:
@@ -159,16 +183,6 @@ def _stop_requests(signals: tuple[signal.Signals, ...]) -> Iterator[dict[str, st
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def _as_callbacks(callbacks: Sequence[Callback]) -> list[Callback]:
-    for i, callback in enumerate(callbacks):
-        if not isinstance(callback, Callback):
-            raise ValueError(
-                f"callbacks[{i}] must be a callbacks.Callback (wrap a function in "
-                f"LambdaCallback(on_epoch_end=fn)), got {type(callback).__name__}"
-            )
-    return list(callbacks)
 
 
 @dataclasses.dataclass
@@ -270,6 +284,18 @@ def fit(
     (`sources.RESIDENT_SHARE` of one device's memory). `steps_per_epoch` (Keras's) cuts each epoch to its first
     that many steps, e.g. to train a fixed number of steps on a large streamed set.
     """
+    x, y, validation_data, callbacks = checks.fit_arguments(
+        state,
+        x,
+        y,
+        seed=seed,
+        verbose=verbose,
+        shuffle=shuffle,
+        data_on_device=data_on_device,
+        validation_data=validation_data,
+        callbacks=callbacks,
+        callback_kind=Callback,
+    )
     epochs = checks.positive_int("epochs", epochs)
     if steps_per_epoch is not None:
         checks.positive_int("steps_per_epoch", steps_per_epoch)
@@ -277,7 +303,6 @@ def fit(
     initial_epoch = checks.integer("initial_epoch", initial_epoch, low=0, high=epochs)
     initial_step = checks.non_negative_int("initial_step", initial_step)
     given = _checked(state, sources.from_data(x, y))
-    callbacks = _as_callbacks(callbacks)
     train, held_out = given.split(checks.fraction("validation_split", validation_split))
     if validation_data is not None and held_out is None:
         held_out = _checked(state, sources.from_validation_data(validation_data))
@@ -381,6 +406,7 @@ def evaluate(
     data_on_device: bool | None = None,
 ) -> dict[str, float]:
     """Keras's `model.evaluate`: mean loss and accuracy over (x, y), or over a streaming dataset."""
+    x, y = checks.evaluate_arguments(state, x, y, data_on_device=data_on_device)
     checks.positive_int("batch_size", batch_size)
     source = _checked(state, sources.from_data(x, y))
     if not source.has_labels:
@@ -404,6 +430,7 @@ def predict(
     data_on_device: bool | None = None,
 ) -> np.ndarray:
     """Keras's `model.predict`: output probabilities (softmax or sigmoid), one row per sample."""
+    x = checks.predict_arguments(state, x, data_on_device=data_on_device)
     checks.positive_int("batch_size", batch_size)
     source = _checked(state, sources.from_data(x))
     strategy = parallel.get_strategy(strategy)
