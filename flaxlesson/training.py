@@ -97,14 +97,15 @@ def _params_mismatch(state: TrainState, sample: Any, error: Exception) -> ValueE
     """
     shape = np.shape(sample["x"] if isinstance(sample, dict) else sample)[1:]
     if state.model is not None:
-        init = lambda i, **kw: state.model.init(jax.random.key(0), i, **kw)  # noqa: E731
+
+        def init(inputs: Any, **kwargs: Any) -> Any:
+            return state.model.init(jax.random.key(0), inputs, **kwargs)
+
         wanted = jax.eval_shape(lambda: core.apply_inputs(init, sample))["params"]
-        same_layers = jax.tree.structure(wanted) == jax.tree.structure(state.params)
-        if (
-            not same_layers
-            or sum(np.shape(a) != np.shape(b) for a, b in zip(jax.tree.leaves(wanted), jax.tree.leaves(state.params)))
-            > 1
-        ):
+        changed = sum(
+            np.shape(a) != np.shape(b) for a, b in zip(jax.tree.leaves(wanted), jax.tree.leaves(state.params))
+        )
+        if jax.tree.structure(wanted) != jax.tree.structure(state.params) or changed > 1:
             return ValueError(
                 f"state: its params belong to another model than its {type(state.model).__name__}; pass the "
                 f"state that create_train_state made for this model ({error})"
