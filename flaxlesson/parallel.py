@@ -284,6 +284,16 @@ def get_strategy(strategy: Strategy | str | None = None) -> Strategy:
     return strategy
 
 
+def host_copy(tree: Any) -> Any:
+    """A host (numpy) copy of state as `Strategy.unreplicate` gives it, readable in every process of a run.
+
+    Each array's copy on this process's first device: a replicated global array is not fully addressable there.
+    """
+    return jax.tree.map(
+        lambda a: np.array(a.addressable_shards[0].data) if isinstance(a, jax.Array) else np.array(a), tree
+    )
+
+
 def device_memory_bytes(strategy: Strategy) -> int:
     """Memory of one device the strategy runs on: its allocator's limit, or on a CPU the host's RAM per device."""
     stats = strategy.devices[0].memory_stats() or {}
