@@ -11,12 +11,14 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from flaxlesson import checkpoint, data, parallel, results, saving
+from flaxlesson import checkpoint, data, interrupts, parallel, results, saving
 
 INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a process stopped by Ctrl-C (128 + SIGINT)
 TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM: a run stopped by SIGTERM (a preemption), its checkpoint saved
@@ -258,7 +260,15 @@ def interrupted(*histories: Any) -> dict[str, Any]:
     is a normal end, not an interruption.
     """
     reasons = [h.interrupted for h in histories if getattr(h, "interrupted", None)]
-    return {"interrupted": True, "interrupted_by": reasons[0]} if reasons else {}
+    reasons += [(interrupts.shared() or {}).get("signal")]  # a stop that came outside the fits (`execute`)
+    return {"interrupted": True, "interrupted_by": reasons[0]} if reasons[0] else {}
+
+
+def _exit_at_once(received: signal.Signals) -> None:
+    """A second stop signal: one line, and the process ends now (no clean-up, no traceback), as 128 + the signal."""
+    print(f"Stopped at once by a second {received.name}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(128 + received)
 
 
 def exit_code(metrics: dict) -> int:
@@ -274,19 +284,24 @@ def execute(parser: argparse.ArgumentParser, run: Callable[[Any], dict], config:
     A ConfigError, before or during the run (data that is not there, a checkpoint of another model), exits as
     a usage error; a checkpoint that cannot be written (a full disk) exits 1 with its one-line error. After
     Ctrl-C (exit 130) or SIGTERM (exit 143) the run has written metrics.json and its plots for what finished,
-    and its checkpoint when it has a --checkpoint-dir.
+    and its checkpoint when it has a --checkpoint-dir. The signals are recorded for the whole run
+    (`interrupts.whole_run`): one that comes after the fit lets the run finish (its test scores, its plots) and
+    exits 130 or 143 likewise; a second one exits at once with one line.
     """
-    try:
-        check_before_training(config)
-        metrics = run(config)
-    except ConfigError as problem:
-        error(parser, problem)
-    except checkpoint.CheckpointWriteError as problem:
-        print(f"{parser.prog}: error: {problem}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except checkpoint.CheckpointError as problem:  # found as the fit begins: a resume with other data settings
-        error(parser, ConfigError("checkpoint_dir", str(problem)))
-    if metrics.get("interrupted"):
-        print(f"Interrupted ({metrics.get('interrupted_by')}): {config.out} holds what finished", flush=True)
-        sys.exit(exit_code(metrics))
+    with interrupts.whole_run(on_second=_exit_at_once) as stop:
+        try:
+            check_before_training(config)
+            metrics = run(config)
+        except ConfigError as problem:
+            error(parser, problem)
+        except checkpoint.CheckpointWriteError as problem:
+            print(f"{parser.prog}: error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        except checkpoint.CheckpointError as problem:  # found as the fit begins: a resume with other data settings
+            error(parser, ConfigError("checkpoint_dir", str(problem)))
+        if not metrics.get("interrupted") and "signal" in stop:  # it came after metrics.json was written
+            metrics = {**metrics, "interrupted": True, "interrupted_by": stop["signal"]}
+        if metrics.get("interrupted"):
+            print(f"Interrupted ({metrics.get('interrupted_by')}): {config.out} holds what finished", flush=True)
+            sys.exit(exit_code(metrics))
     return metrics

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from flaxlesson import batching, checks, core, parallel, sources
+from flaxlesson import batching, checks, core, interrupts, parallel, sources
 from flaxlesson.callbacks import Callback, History, LambdaCallback, ProgressBar
 from flaxlesson.core import (
     Loss,
@@ -167,7 +167,11 @@ def _stop_requests(signals: tuple[signal.Signals, ...]) -> Iterator[dict[str, st
     """While a fit runs, record the first of `signals` (SIGINT, SIGTERM) to arrive (the fit stops after its call).
 
     A second SIGINT raises KeyboardInterrupt as usual. Only the main thread takes signals; elsewhere nothing changes.
+    Where a script records signals for its whole run (`interrupts.whole_run`), the fit reads that record instead.
     """
+    if interrupts.shared() is not None:
+        yield interrupts.shared()
+        return
     requests: dict[str, str] = {}
     if threading.current_thread() is not threading.main_thread():
         yield requests
