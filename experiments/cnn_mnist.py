@@ -49,6 +49,7 @@ class Config(flags.Config):
     steps_per_execution: int | str = 1
     validation_split: float = 0.1
     strategy: str = "single"
+    cpu_devices: int | None = None
     augment: bool = False
     labels: str = "sparse"
     dtype: str = "float32"
@@ -76,6 +77,7 @@ def load(config: Config) -> data.ImageData:
 
 def run(config: Config) -> dict:
     """Fit the CNN (resuming from a checkpoint if asked), score it on the test images; write metrics and figures."""
+    flags.use_cpu_devices(config)
     images = load(config)
     print(
         f"{images.name}: {len(images.x_train):,} train and {len(images.x_test):,} test images of "

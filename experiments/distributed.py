@@ -51,7 +51,6 @@ class Config(flags.Config):
         "samples": flags.Flag("samples of dummy data", flags.positive_int),
         "features": flags.Flag("features per sample", flags.positive_int),
         "classes": flags.Flag("classes of the labels and outputs", flags.positive_int),
-        "cpu_devices": flags.Flag("virtual CPU devices per process (for trying on a CPU)", flags.positive_int),
         "processes": flags.Flag(
             "processes in the run; without --process-id, start them all here on 127.0.0.1", flags.positive_int
         ),
@@ -215,16 +214,7 @@ def run(config: Config) -> dict:
     """Start the local processes, or join the run as one process and train; what process 0 writes to metrics.json."""
     if config.processes > 1 and config.process_id is None and not config.coordinator:
         return _launch(config)
-    if config.cpu_devices:
-        try:
-            jax.config.update("jax_num_cpu_devices", config.cpu_devices)
-        except RuntimeError:
-            if jax.local_device_count() != config.cpu_devices:
-                raise flags.ConfigError(
-                    "cpu_devices",
-                    f"JAX already runs in this process with {jax.local_device_count()} devices; "
-                    "pass it to a fresh process",
-                ) from None
+    flags.use_cpu_devices(config)
     # One process given, no JAX_* variables: None lets `initialize` detect a launcher's run (mpirun, SLURM).
     parallel.initialize(config.coordinator, config.processes if config.processes > 1 else None, config.process_id)
     try:

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import jax
+
 from flaxlesson import checkpoint, data, interrupts, parallel, results, saving
 
 INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a process stopped by Ctrl-C (128 + SIGINT)
@@ -118,6 +120,9 @@ SHARED: dict[str, Flag] = {
     "batch_size": Flag("samples per training step", positive_int),
     "validation_split": Flag("fraction of the training data held out (the last, before shuffling)", fraction),
     "strategy": Flag("how the training step is placed on devices", choices=tuple(sorted(parallel.STRATEGIES))),
+    "cpu_devices": Flag(
+        "virtual CPU devices per process, to try a --strategy over several devices on a CPU", positive_int
+    ),
     "limit": Flag("use only the first N training and N test images (quick runs)", positive_int),
     "seed": Flag("seeds the initialisation and the shuffling", non_negative_int),
     "checkpoint_dir": Flag("save the train state and data position here (every --save-freq steps), for --resume"),
@@ -245,6 +250,24 @@ def check_before_training(config: Config) -> None:
             )
 
 
+def use_cpu_devices(config: Config) -> None:
+    """Give this process `config.cpu_devices` virtual CPU devices (`jax_num_cpu_devices`), before JAX starts.
+
+    A ConfigError of --cpu-devices when JAX already runs here with another count.
+    """
+    count = getattr(config, "cpu_devices", None)
+    if not count:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        if jax.local_device_count() != count:
+            raise ConfigError(
+                "cpu_devices",
+                f"JAX already runs in this process with {jax.local_device_count()} devices; pass it to a fresh process",
+            ) from None
+
+
 def save_trained(config: Config, state: Any, sample_input: Any) -> dict[str, str]:
     """Save `state`'s model where `--save-model` says (saving logs where); for metrics.json `{"saved_model": path}`."""
     if config.save_model is None:
@@ -260,8 +283,13 @@ def interrupted(*histories: Any) -> dict[str, Any]:
     is a normal end, not an interruption.
     """
     reasons = [h.interrupted for h in histories if getattr(h, "interrupted", None)]
-    reasons += [(interrupts.shared() or {}).get("signal")]  # a stop that came outside the fits (`execute`)
+    reasons += [stop_requested()]  # a stop that came outside the fits
     return {"interrupted": True, "interrupted_by": reasons[0]} if reasons[0] else {}
+
+
+def stop_requested() -> str | None:
+    """The stop signal ('SIGINT', 'SIGTERM') this run has received so far (`execute` records them), else None."""
+    return (interrupts.shared() or {}).get("signal")
 
 
 def _exit_at_once(received: signal.Signals) -> None:
