@@ -67,18 +67,10 @@ class Config(flags.Config):
         return cls(epochs=1, limit=1000)
 
 
-def load(config: Config) -> data.ImageData:
-    """The images the config names; a source that is not there is a ConfigError of --dataset."""
-    try:
-        return data.load_images(config.dataset, config.data_dir).head(config.limit)
-    except (ValueError, data.DatasetUnavailableError) as e:
-        raise flags.ConfigError("dataset", str(e)) from None
-
-
 def run(config: Config) -> dict:
     """Fit the CNN (resuming from a checkpoint if asked), score it on the test images; write metrics and figures."""
     flags.use_cpu_devices(config)
-    images = load(config)
+    images = flags.load_images(config)
     print(
         f"{images.name}: {len(images.x_train):,} train and {len(images.x_test):,} test images of "
         f"{images.x_train.shape[1:]} ({images.source})",

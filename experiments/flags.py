@@ -268,6 +268,17 @@ def use_cpu_devices(config: Config) -> None:
             ) from None
 
 
+def load_images(config: Config) -> data.ImageData:
+    """The images `--dataset` (and `--data-dir`) name, the first `--limit` of each split.
+
+    A source that is not there, or does not read, is a ConfigError of --dataset.
+    """
+    try:
+        return data.load_images(config.dataset, config.data_dir).head(getattr(config, "limit", None))
+    except (ValueError, data.DatasetUnavailableError) as e:
+        raise ConfigError("dataset", str(e)) from None
+
+
 def save_trained(config: Config, state: Any, sample_input: Any) -> dict[str, str]:
     """Save `state`'s model where `--save-model` says (saving logs where); for metrics.json `{"saved_model": path}`."""
     if config.save_model is None:

@@ -8,9 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
-from experiments import augmentation, benchmark, cnn_mnist, distributed, flags, lesson, mlp_iris, rnn_sequences
+from experiments import (
+    augmentation,
+    benchmark,
+    cnn_mnist,
+    distributed,
+    flags,
+    lesson,
+    mlp_iris,
+    rnn_sequences,
+    streaming,
+)
 from flaxlesson import checkpoint, data, results, training
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -256,8 +267,11 @@ def test_every_script_that_takes_strategy_takes_cpu_devices(script):
 def test_cnn_mnist_cpu_devices_is_one_usage_error_when_jax_already_runs_with_another_count(
     tmp_path, capsys, nothing_may_load
 ):
-    line = _usage_error(cnn_mnist, ["--strategy", "sharded", "--cpu-devices", "3", "--out", str(tmp_path)], capsys)
-    assert "argument --cpu-devices: JAX already runs in this process with 8 devices" in line
+    running = jax.local_device_count()  # starts JAX here, as a script's earlier work would
+    line = _usage_error(
+        cnn_mnist, ["--strategy", "sharded", "--cpu-devices", str(running - 1), "--out", str(tmp_path)], capsys
+    )
+    assert f"argument --cpu-devices: JAX already runs in this process with {running} devices" in line
 
 
 def test_cpu_devices_gives_a_fresh_process_that_many_devices():
@@ -266,3 +280,16 @@ def test_cpu_devices_gives_a_fresh_process_that_many_devices():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "4", done.stderr
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [(cnn_mnist, []), (augmentation, []), (rnn_sequences, ["--task", "rows"]), (streaming, [])],
+    ids=["cnn_mnist", "augmentation", "rnn_sequences", "streaming"],
+)
+def test_images_that_are_not_there_are_one_usage_error_of_dataset(script, argv, tmp_path, capsys):
+    missing = str(tmp_path / "no-such-folder")
+    line = _usage_error(
+        script, [*argv, "--dataset", "idx", "--data-dir", missing, "--out", str(tmp_path / "o")], capsys
+    )
+    assert "argument --dataset: " in line and "no-such-folder" in line
