@@ -145,6 +145,10 @@ class ConfigError(ValueError):
         self.field, self.message = field, message
 
 
+class RunFailed(Exception):
+    """A run that failed for a reason no flag names (its processes died): one `error:` line, exit status 1."""
+
+
 class Config:
     """Base of the experiments' frozen config dataclasses: each field is the flag of that name.
 
@@ -333,7 +337,7 @@ def execute(parser: argparse.ArgumentParser, run: Callable[[Any], dict], config:
             metrics = run(config)
         except ConfigError as problem:
             error(parser, problem)
-        except checkpoint.CheckpointWriteError as problem:
+        except (checkpoint.CheckpointWriteError, RunFailed) as problem:
             print(f"{parser.prog}: error: {problem}", file=sys.stderr, flush=True)
             sys.exit(1)
         except checkpoint.CheckpointError as problem:  # found as the fit begins: a resume with other data settings
