@@ -13,6 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import jax
 import numpy as np
+import psutil
 
 from flaxlesson import batching, checks, parallel
 from flaxlesson.batching import Batch, Layout
@@ -130,6 +131,8 @@ class ArraySource:
         return ArraySource(x, y), ArraySource(x_val, y_val)
 
     def placed(self, strategy: parallel.Strategy, data_on_device: bool | None, epochs: int = 1) -> "ArraySource":
+        if data_on_device:
+            check_host_copies(self.x, self.y, strategy)
         resident = fits_on_device(self.x, self.y, strategy) if data_on_device is None else data_on_device
         return ResidentSource(self.x, self.y, strategy) if resident else self
 
@@ -251,12 +254,33 @@ class StreamSource:
             self._open = None
 
 
-def fits_on_device(x: Any, y: Any, strategy: parallel.Strategy, share: float = RESIDENT_SHARE) -> bool:
-    """Whether (x, y) should stay resident by default: one process, and at most `share` of one device's memory.
+def _on_cpu(strategy: parallel.Strategy) -> bool:
+    """Whether every device of the strategy is a CPU device, whose memory is the host's own RAM."""
+    return all(device.platform == "cpu" for device in strategy.devices)
 
-    Each device holds a whole copy. With several processes each reads only its share of every batch from the
-    host instead, so no process needs the whole set on its devices.
+
+def fits_on_device(x: Any, y: Any, strategy: parallel.Strategy, share: float = RESIDENT_SHARE) -> bool:
+    """Whether (x, y) should stay resident by default: one process, accelerators, at most `share` of one's memory.
+
+    Each device holds a whole copy. On CPU devices nothing is placed: the host arrays already lie in the memory
+    those devices read, each batch is taken from them as it is, and a resident copy would add one copy of the whole
+    set per device to the same RAM. With several processes each reads only its share of every batch from the host
+    instead, so no process needs the whole set on its devices.
     """
-    if strategy.process_count > 1:
+    if strategy.process_count > 1 or _on_cpu(strategy):
         return False
     return nbytes((x, y)) <= share * parallel.device_memory_bytes(strategy)
+
+
+def check_host_copies(x: Any, y: Any, strategy: parallel.Strategy) -> None:
+    """Refuse `data_on_device=True` on CPU devices when their copies (one per device) exceed the available RAM."""
+    if not _on_cpu(strategy):
+        return
+    copies, size = len(strategy.devices), nbytes((x, y))
+    available = psutil.virtual_memory().available
+    if copies * size > available:
+        raise ValueError(
+            f"data_on_device: {copies} resident copies of {size / 2**30:.2f} GiB (one per CPU device) exceed the "
+            f"{available / 2**30:.2f} GiB of memory available; leave data_on_device=None to read batches from the "
+            "host arrays"
+        )
