@@ -287,8 +287,8 @@ def fit(
     `steps_per_execution` (an int, or 'epoch') runs that many steps per compiled call, with the same update.
     `data_on_device` keeps x and y on the device(s), moving only each epoch's index order; None decides by size
     (`sources.RESIDENT_SHARE` of one device's memory; never on CPU devices, which read the host arrays as they are).
-    `steps_per_epoch` (Keras's) cuts each epoch to its first
-    that many steps, e.g. to train a fixed number of steps on a large streamed set.
+    `steps_per_epoch` (Keras's) cuts each epoch to its first that many steps, e.g. to train a fixed number of steps
+    on a large streamed set.
     """
     x, y, validation_data, callbacks = checks.fit_arguments(
         state,
