@@ -97,8 +97,11 @@ def _numeric(name: str, value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         try:
             value = np.asarray(value)
-        except ValueError as e:  # ragged rows
-            raise ValueError(f"{name}: a list that is not a rectangular array of numbers ({e})") from e
+        except ValueError:  # rows of different lengths
+            raise ValueError(
+                f"{name}: ragged sequences (rows of different lengths); pad them to one length with "
+                "flaxlesson.data.pad_sequences, or pass a rectangular array"
+            ) from None
     dtype = getattr(value, "dtype", None)
     if dtype is not None and np.dtype(dtype).kind not in "biuf" and str(dtype) != "bfloat16":
         raise TypeError(

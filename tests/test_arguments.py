@@ -60,7 +60,7 @@ def test_x_as_a_list_of_lists_trains_as_its_array(state):
 
 
 def test_ragged_list_x_is_refused(state, no_compile):
-    with pytest.raises(ValueError, match=r"^x: a list that is not a rectangular array"):
+    with pytest.raises(ValueError, match=r"^x: ragged sequences \(rows of different lengths\)"):
         training.predict(state, [[1.0, 2.0, 3.0, 4.0], [1.0]])
 
 
