@@ -32,10 +32,18 @@ training.predict = held_predict
 mlp_iris.main(["--epochs", "1", "--out", sys.argv[1]])
 """
 
+# The same, predict held in one long compiled call: Python runs no handler until it returns.
+IN_A_COMPILED_CALL = AFTER_FIT.replace(
+    "time.sleep(float(sys.argv[2]))",
+    "import jax, jax.numpy as jnp; a = jnp.ones((1000, 1000)) / 1000; "
+    "spin = jax.jit(lambda a: jax.lax.fori_loop(0, 100_000, lambda i, a: jnp.tanh(a @ a), a)).lower(a).compile(); "
+    "print('computing', flush=True); spin(a).block_until_ready()",
+)
 
-def _script(out, hold_seconds):
+
+def _script(out, hold_seconds, code=AFTER_FIT):
     return subprocess.Popen(
-        [sys.executable, "-c", AFTER_FIT, str(out), str(hold_seconds)],
+        [sys.executable, "-c", code, str(out), str(hold_seconds)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -80,4 +88,21 @@ def test_a_second_ctrl_c_exits_at_once_with_one_line(tmp_path):
     finally:
         child.kill()
     assert child.returncode == flags.INTERRUPTED_EXIT_CODE and seconds < 10
+    assert err.strip().splitlines()[-1] == "Stopped at once by a second SIGINT" and "Traceback" not in err
+
+
+def test_two_ctrl_cs_within_one_compiled_call_exit_at_once(tmp_path):
+    child = _script(tmp_path, 0, IN_A_COMPILED_CALL)
+    try:
+        _wait_for(child, "computing\n")
+        time.sleep(0.5)
+        child.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        start = time.monotonic()
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=30)
+        seconds = time.monotonic() - start
+    finally:
+        child.kill()
+    assert child.returncode == flags.INTERRUPTED_EXIT_CODE and seconds < 5, err
     assert err.strip().splitlines()[-1] == "Stopped at once by a second SIGINT" and "Traceback" not in err
