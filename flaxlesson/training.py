@@ -266,7 +266,7 @@ def fit(
     verbose: int | str = "auto",
     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     strategy: parallel.Strategy | str | None = None,
-    callbacks: Sequence[Callback] = (),
+    callbacks: Sequence[Callback] | Callback | None = (),
     steps_per_execution: StepsPerExecution = 1,
     data_on_device: bool | None = None,
     steps_per_epoch: int | None = None,
