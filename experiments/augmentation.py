@@ -17,7 +17,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import flags  # noqa: E402
-from flaxlesson import augment, data, plots, results  # noqa: E402
+from flaxlesson import augment, plots, results  # noqa: E402
 
 LESSON = augment.LESSON_GENERATOR
 BATCH_SIZE = 256
@@ -62,10 +62,7 @@ class Config(flags.Config):
 
 def run(config: Config) -> dict:
     """Augment test image 0 `n` times into augmentation.png, time `augment` on 256 images; write metrics.json."""
-    try:
-        dataset = data.load_images(config.dataset, config.data_dir)
-    except (ValueError, data.DatasetUnavailableError) as e:
-        raise flags.ConfigError("dataset", str(e)) from None
+    dataset = flags.load_images(config)
     image = dataset.x_test[0]
     augmented = augment.augment(jax.random.key(config.seed), np.broadcast_to(image, (config.n, *image.shape)), LESSON)
     Path(config.out).mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import sklearn.metrics
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import flags  # noqa: E402
-from flaxlesson import augment, checkpoint, data, folders, models, plots, results, training  # noqa: E402
+from flaxlesson import augment, checkpoint, data, models, plots, results, training  # noqa: E402
 from flaxlesson.resume import resume_or_start  # noqa: E402
 
 LABELS = {"sparse": "sparse_categorical_crossentropy", "one-hot": "categorical_crossentropy"}
@@ -63,6 +63,7 @@ class Config(flags.Config):
     steps_per_execution: int | str = 1
     validation_split: float = 0.1
     strategy: str = "single"
+    cpu_devices: int | None = None
     augment: bool = False
     labels: str = "sparse"
     model: str = "cnn"
@@ -81,21 +82,10 @@ class Config(flags.Config):
         return cls(epochs=1, limit=1000)
 
 
-def load(config: Config) -> data.ImageData:
-    """The images the config names; a source that is not there is a ConfigError of --dataset."""
-    try:
-        if config.dataset == "folder":
-            if config.data_dir is None:
-                raise ValueError("--dataset folder needs --data-dir, the folder of images (a subfolder per class)")
-            return folders.load_image_folder(config.data_dir, seed=config.seed).head(config.limit)
-        return data.load_images(config.dataset, config.data_dir).head(config.limit)
-    except (ValueError, data.DatasetUnavailableError) as e:
-        raise flags.ConfigError("dataset", str(e)) from None
-
-
 def run(config: Config) -> dict:
     """Fit the CNN (resuming from a checkpoint if asked), score it on the test images; write metrics and figures."""
-    images = load(config)
+    flags.use_cpu_devices(config)
+    images = flags.load_images(config)
     print(
         f"{images.name}: {len(images.x_train):,} train and {len(images.x_test):,} test images of "
         f"{images.x_train.shape[1:]} ({images.source})",

@@ -9,7 +9,8 @@ device of one process or of several, and is compared with a single-device run of
     python experiments/distributed.py --processes 2 --cpu-devices 4                  # 2 processes on 127.0.0.1
     python experiments/distributed.py --checkpoint-dir runs/ckpt --resume            # save each epoch, resume
     python experiments/distributed.py --processes 2 --checkpoint-dir runs/ckpt --save-freq 20 --max-restarts 1
-    # several hosts: on each, --coordinator HOST0:PORT --processes N --process-id I (or JAX_* variables)
+    # several hosts: on each, --coordinator HOST0:PORT --processes N --process-id I (or JAX_* variables); each
+    # gives up after --startup-timeout seconds (60) without the whole run, process 0 at once if PORT is in use
 """
 
 import dataclasses
@@ -51,13 +52,16 @@ class Config(flags.Config):
         "samples": flags.Flag("samples of dummy data", flags.positive_int),
         "features": flags.Flag("features per sample", flags.positive_int),
         "classes": flags.Flag("classes of the labels and outputs", flags.positive_int),
-        "cpu_devices": flags.Flag("virtual CPU devices per process (for trying on a CPU)", flags.positive_int),
         "processes": flags.Flag(
             "processes in the run; without --process-id, start them all here on 127.0.0.1", flags.positive_int
         ),
         "process_id": flags.Flag("this process's rank in the run", flags.non_negative_int),
         "coordinator": flags.Flag("HOST:PORT of process 0 when the processes run on several hosts"),
         "timeout": flags.Flag("seconds the local processes may take", flags.positive_float),
+        "startup_timeout": flags.Flag(
+            "seconds each process waits for the whole run to join before it gives up (JAX's initialization_timeout)",
+            flags.positive_float,
+        ),
         "max_restarts": flags.Flag(
             "restart the local processes from the newest checkpoint up to this many times when one dies",
             flags.non_negative_int,
@@ -77,6 +81,7 @@ class Config(flags.Config):
     process_id: int | None = None
     coordinator: str | None = None
     timeout: float = 600.0
+    startup_timeout: float = 60.0
     max_restarts: int = 0
     checkpoint_dir: str | None = None
     save_freq: int | str = "epoch"
@@ -99,13 +104,18 @@ class Config(flags.Config):
 
 def _launch(config: Config) -> dict:
     """Start every process of the run on this machine (127.0.0.1) and return what process 0 wrote."""
-    outputs = launch.launch_local(
-        [str(Path(__file__).resolve()), *flags.to_argv(config)],
-        config.processes,
-        devices_per_process=config.cpu_devices or 1,
-        timeout=config.timeout,
-        max_restarts=config.max_restarts,
-    )
+    try:
+        outputs = launch.launch_local(
+            [str(Path(__file__).resolve()), *flags.to_argv(config)],
+            config.processes,
+            devices_per_process=config.cpu_devices or 1,
+            timeout=config.timeout,
+            max_restarts=config.max_restarts,
+        )
+    except launch.LaunchError as failure:
+        survive = "; to survive a dead process, pass --max-restarts N (with --checkpoint-dir, to resume from it)"
+        survive = survive if not failure.max_restarts else ""
+        raise flags.RunFailed(f"{failure.summary}{survive}\nits last output:\n{failure.output}") from None
     print(outputs[0], end="", flush=True)
     return json.loads((Path(config.out) / "metrics.json").read_text())
 
@@ -215,18 +225,18 @@ def run(config: Config) -> dict:
     """Start the local processes, or join the run as one process and train; what process 0 writes to metrics.json."""
     if config.processes > 1 and config.process_id is None and not config.coordinator:
         return _launch(config)
-    if config.cpu_devices:
-        try:
-            jax.config.update("jax_num_cpu_devices", config.cpu_devices)
-        except RuntimeError:
-            if jax.local_device_count() != config.cpu_devices:
-                raise flags.ConfigError(
-                    "cpu_devices",
-                    f"JAX already runs in this process with {jax.local_device_count()} devices; "
-                    "pass it to a fresh process",
-                ) from None
+    flags.use_cpu_devices(config)
+    worker.start_heartbeat()  # under launch.launch_local: the beat its launcher watches (a no-op elsewhere)
     # One process given, no JAX_* variables: None lets `initialize` detect a launcher's run (mpirun, SLURM).
-    parallel.initialize(config.coordinator, config.processes if config.processes > 1 else None, config.process_id)
+    try:
+        parallel.initialize(
+            config.coordinator,
+            config.processes if config.processes > 1 else None,
+            config.process_id,
+            timeout=config.startup_timeout,
+        )
+    except (ValueError, TimeoutError) as error:  # a port in use, no coordinator in time
+        raise flags.ConfigError("coordinator", str(error).removeprefix("coordinator_address: ")) from None
     try:
         return train(config)
     except checkpoint.CheckpointError as error:

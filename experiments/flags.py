@@ -11,12 +11,16 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from flaxlesson import checkpoint, data, parallel, results, saving
+import jax
+
+from flaxlesson import checkpoint, data, folders, interrupts, parallel, results, saving
 
 INTERRUPTED_EXIT_CODE = 130  # what a shell reports for a process stopped by Ctrl-C (128 + SIGINT)
 TERMINATED_EXIT_CODE = 143  # 128 + SIGTERM: a run stopped by SIGTERM (a preemption), its checkpoint saved
@@ -116,6 +120,9 @@ SHARED: dict[str, Flag] = {
     "batch_size": Flag("samples per training step", positive_int),
     "validation_split": Flag("fraction of the training data held out (the last, before shuffling)", fraction),
     "strategy": Flag("how the training step is placed on devices", choices=tuple(sorted(parallel.STRATEGIES))),
+    "cpu_devices": Flag(
+        "virtual CPU devices per process, to try a --strategy over several devices on a CPU", positive_int
+    ),
     "limit": Flag("use only the first N training and N test images (quick runs)", positive_int),
     "seed": Flag("seeds the initialisation and the shuffling", non_negative_int),
     "checkpoint_dir": Flag("save the train state and data position here (every --save-freq steps), for --resume"),
@@ -136,6 +143,10 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
+
+
+class RunFailed(Exception):
+    """A run that failed for a reason no flag names (its processes died): one `error:` line, exit status 1."""
 
 
 class Config:
@@ -243,6 +254,41 @@ def check_before_training(config: Config) -> None:
             )
 
 
+def use_cpu_devices(config: Config) -> None:
+    """Give this process `config.cpu_devices` virtual CPU devices (`jax_num_cpu_devices`), before JAX starts.
+
+    A ConfigError of --cpu-devices when JAX already runs here with another count.
+    """
+    count = getattr(config, "cpu_devices", None)
+    if not count:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        if jax.local_device_count() != count:
+            raise ConfigError(
+                "cpu_devices",
+                f"JAX already runs in this process with {jax.local_device_count()} devices; pass it to a fresh process",
+            ) from None
+
+
+def load_images(config: Config) -> data.ImageData:
+    """The images `--dataset` (and `--data-dir`) name, the first `--limit` of each split.
+
+    A source that is not there, or does not read, is a ConfigError of --dataset.
+    """
+    try:
+        if config.dataset == "folder":  # a class-per-subfolder image folder, read as Keras reads one
+            if config.data_dir is None:
+                raise ValueError("--dataset folder needs --data-dir, the folder of images (a subfolder per class)")
+            images = folders.load_image_folder(config.data_dir, seed=getattr(config, "seed", 0))
+        else:
+            images = data.load_images(config.dataset, config.data_dir)
+        return images.head(getattr(config, "limit", None))
+    except (ValueError, data.DatasetUnavailableError) as e:
+        raise ConfigError("dataset", str(e)) from None
+
+
 def save_trained(config: Config, state: Any, sample_input: Any) -> dict[str, str]:
     """Save `state`'s model where `--save-model` says (saving logs where); for metrics.json `{"saved_model": path}`."""
     if config.save_model is None:
@@ -258,7 +304,20 @@ def interrupted(*histories: Any) -> dict[str, Any]:
     is a normal end, not an interruption.
     """
     reasons = [h.interrupted for h in histories if getattr(h, "interrupted", None)]
-    return {"interrupted": True, "interrupted_by": reasons[0]} if reasons else {}
+    reasons += [stop_requested()]  # a stop that came outside the fits
+    return {"interrupted": True, "interrupted_by": reasons[0]} if reasons[0] else {}
+
+
+def stop_requested() -> str | None:
+    """The stop signal ('SIGINT', 'SIGTERM') this run has received so far (`execute` records them), else None."""
+    return (interrupts.shared() or {}).get("signal")
+
+
+def _exit_at_once(received: signal.Signals) -> None:
+    """A second stop signal: one line, and the process ends now (no clean-up, no traceback), as 128 + the signal."""
+    print(f"Stopped at once by a second {received.name}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(128 + received)
 
 
 def exit_code(metrics: dict) -> int:
@@ -274,19 +333,24 @@ def execute(parser: argparse.ArgumentParser, run: Callable[[Any], dict], config:
     A ConfigError, before or during the run (data that is not there, a checkpoint of another model), exits as
     a usage error; a checkpoint that cannot be written (a full disk) exits 1 with its one-line error. After
     Ctrl-C (exit 130) or SIGTERM (exit 143) the run has written metrics.json and its plots for what finished,
-    and its checkpoint when it has a --checkpoint-dir.
+    and its checkpoint when it has a --checkpoint-dir. The signals are recorded for the whole run
+    (`interrupts.whole_run`): one that comes after the fit lets the run finish (its test scores, its plots) and
+    exits 130 or 143 likewise; a second one exits at once with one line.
     """
-    try:
-        check_before_training(config)
-        metrics = run(config)
-    except ConfigError as problem:
-        error(parser, problem)
-    except checkpoint.CheckpointWriteError as problem:
-        print(f"{parser.prog}: error: {problem}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except checkpoint.CheckpointError as problem:  # found as the fit begins: a resume with other data settings
-        error(parser, ConfigError("checkpoint_dir", str(problem)))
-    if metrics.get("interrupted"):
-        print(f"Interrupted ({metrics.get('interrupted_by')}): {config.out} holds what finished", flush=True)
-        sys.exit(exit_code(metrics))
+    with interrupts.whole_run(on_second=_exit_at_once) as stop:
+        try:
+            check_before_training(config)
+            metrics = run(config)
+        except ConfigError as problem:
+            error(parser, problem)
+        except (checkpoint.CheckpointWriteError, RunFailed) as problem:
+            print(f"{parser.prog}: error: {problem}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        except checkpoint.CheckpointError as problem:  # found as the fit begins: a resume with other data settings
+            error(parser, ConfigError("checkpoint_dir", str(problem)))
+        if not metrics.get("interrupted") and "signal" in stop:  # it came after metrics.json was written
+            metrics = {**metrics, "interrupted": True, "interrupted_by": stop["signal"]}
+        if metrics.get("interrupted"):
+            print(f"Interrupted ({metrics.get('interrupted_by')}): {config.out} holds what finished", flush=True)
+            sys.exit(exit_code(metrics))
     return metrics

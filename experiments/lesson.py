@@ -438,7 +438,7 @@ def run(config: Config) -> dict:
             continue
         results[section.key] = run_section(section, out, config.quick)
         write_report(out, results, keras, config.quick)
-        if results[section.key]["interrupted"]:
+        if results[section.key]["interrupted"] or flags.stop_requested():  # e.g. SIGTERM to this process alone
             return {"sections": results, "interrupted": True}
     if config.keras_python:
         keras = keras_reference.run(

@@ -197,10 +197,7 @@ def _masking(
 
 def rows_task(config: LessonConfig) -> tuple[dict, Curves]:
     """Classify images read row by row, then show masking on cut images of random height."""
-    try:
-        images = data.load_images(config.dataset, config.data_dir).head(config.limit)
-    except (ValueError, data.DatasetUnavailableError) as e:
-        raise flags.ConfigError("dataset", str(e)) from None
+    images = flags.load_images(config)
     rows = {"train": image_rows(images.x_train), "test": image_rows(images.x_test)}
     labels = {"train": images.y_train, "test": images.y_test}
     if not 1 <= config.min_rows <= rows["train"].shape[1]:

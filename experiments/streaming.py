@@ -247,21 +247,13 @@ def _median(values: Any) -> float | None:
     return float(np.median(values)) if len(values) else None
 
 
-def load_images(config: Config) -> data.ImageData:
-    """The run's training and test images; a source that is not there is a ConfigError of --dataset."""
-    try:
-        return data.load_images(config.dataset, config.data_dir).head(config.limit)
-    except (ValueError, data.DatasetUnavailableError) as e:
-        raise flags.ConfigError("dataset", str(e)) from None
-
-
 def run(config: Config, images: data.ImageData | None = None) -> dict[str, Any]:
     """Write the N-copy set, train from it and from memory, evaluate; returns (and writes) the metrics.
 
     The shards go to OUT/train_shards, rewritten on every run if this experiment wrote them (`fresh_shard_dir`).
-    `images` defaults to `load_images(config)`.
+    `images` defaults to `flags.load_images(config)`.
     """
-    images = load_images(config) if images is None else images
+    images = flags.load_images(config) if images is None else images
     shard_dir = fresh_shard_dir(config.out)
     model = models.CNN(num_classes=images.num_classes)
     state = in_memory_state = training.create_train_state(model, images.x_train[:1], seed=config.seed)

@@ -263,6 +263,8 @@ class ImageDataGenerator:
             zoom = _nonnegative("zoom_range", zoom)
             put("zoom_range", (1 - zoom, 1 + zoom))
         elif isinstance(zoom, (tuple, list)) and len(zoom) == 2 and all(_is_real(z) and math.isfinite(z) for z in zoom):
+            if zoom[0] > zoom[1]:
+                raise ValueError(f"zoom_range must be a pair (lower, upper) with lower <= upper, got {zoom!r}.")
             put("zoom_range", (float(zoom[0]), float(zoom[1])))
         else:
             raise ValueError(f"zoom_range must be a number >= 0 or a pair of numbers, got {zoom!r}.")

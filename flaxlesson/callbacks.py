@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from flaxlesson import checks, core
+from flaxlesson import checks, core, parallel
 
 State = Any
 Logs = Mapping[str, float]
@@ -237,9 +237,9 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
-def _host_copy(tree: Any) -> Any:
-    """A host (numpy) copy of replicated arrays: one device's copy of each, so it works across processes too."""
-    return jax.tree.map(lambda a: np.array(a.addressable_data(0)) if isinstance(a, jax.Array) else np.array(a), tree)
+def print_message(message: str) -> None:
+    """A callback's `verbose` message, printed to stdout as Keras's `io_utils.print_msg` does (not logged)."""
+    print(message, flush=True)
 
 
 def _device_copy(tree: Any) -> Any:
@@ -293,8 +293,8 @@ class EarlyStopping(_MonitorCallback):
         if self._is_improvement(current, self.best):
             self.best, self.best_epoch = current, epoch
             if self.restore_best_weights:
-                self.best_weights = _host_copy(state.params)
-                self.best_batch_stats = _host_copy(getattr(state, "batch_stats", None))
+                self.best_weights = parallel.host_copy(state.params)
+                self.best_batch_stats = parallel.host_copy(getattr(state, "batch_stats", None))
             if self.baseline is None or self._is_improvement(current, self.baseline):
                 self.wait = 0
             return
@@ -303,11 +303,11 @@ class EarlyStopping(_MonitorCallback):
 
     def on_train_end(self, logs: dict[str, float], state: State) -> State | None:
         if self.stopped_epoch > 0 and self.verbose > 0:
-            logger.info("Epoch %d: early stopping", self.stopped_epoch + 1)
+            print_message(f"Epoch {self.stopped_epoch + 1}: early stopping")
         if not (self.restore_best_weights and self.best_weights is not None):
             return None
         if self.verbose > 0:
-            logger.info("Restoring model weights from the end of the best epoch: %d.", self.best_epoch + 1)
+            print_message(f"Restoring model weights from the end of the best epoch: {self.best_epoch + 1}.")
         if self.best_batch_stats:
             return state.replace(params=self.best_weights, batch_stats=self.best_batch_stats)
         return state.replace(params=self.best_weights)
@@ -374,7 +374,7 @@ class ReduceLROnPlateau(_MonitorCallback):
             return None
         new_rate = max(rate * self.factor, self.min_lr)
         if self.verbose > 0:
-            logger.info("Epoch %d: ReduceLROnPlateau reducing learning rate to %s.", epoch + 1, new_rate)
+            print_message(f"Epoch {epoch + 1}: ReduceLROnPlateau reducing learning rate to {new_rate}.")
         self.cooldown_counter, self.wait = self.cooldown, 0
         return core.set_learning_rate(state, new_rate)
 
@@ -469,10 +469,7 @@ class TensorBoard(Callback):
     """
 
     def __init__(self, log_dir: str | os.PathLike = "logs", update_freq: str | int = "epoch"):
-        if update_freq == "batch":
-            update_freq = 1
-        if update_freq != "epoch" and not (checks.is_int(update_freq) and update_freq >= 1):
-            raise ValueError(f"update_freq must be 'epoch', 'batch' or a positive integer, got {update_freq!r}")
+        update_freq = checks.count_or_epoch("update_freq (or 'batch')", 1 if update_freq == "batch" else update_freq)
         self.log_dir, self.update_freq = os.fspath(log_dir), update_freq
         self._writers: dict[str, Any] = {}
         self._epoch_start, self._trained_at, self._global = 0.0, None, 0

@@ -43,7 +43,7 @@ from flaxlesson.store import (
     latest_position,
     restore,
     restore_newest,
-    steps,
+    saved_steps,
 )
 
 __all__ = [
@@ -60,7 +60,7 @@ __all__ = [
     "restore",
     "restore_newest",
     "save",
-    "steps",
+    "saved_steps",
 ]
 
 logger = logging.getLogger(__name__)
@@ -131,8 +131,7 @@ class BackupAndRestore(Callback):
         initial_step: int = 0,
         kind: str = "fit",
     ):
-        if save_freq != "epoch" and not (checks.is_int(save_freq) and save_freq >= 1):
-            raise ValueError(f"save_freq must be a positive integer or 'epoch', got {save_freq!r}")
+        save_freq = checks.count_or_epoch("save_freq", save_freq)
         checks.positive_int("max_to_keep", max_to_keep)
         self.directory, self.save_freq, self.seed = Path(directory), save_freq, checks.non_negative_int("seed", seed)
         self.position = Position(
@@ -303,7 +302,7 @@ class BackupAndRestore(Callback):
             for name in ocp.path.step.tmp_checkpoints(self.directory):
                 if ocp.path.step.step_from_checkpoint_name(name) == failed:
                     shutil.rmtree(self.directory / name, ignore_errors=True)
-            kept = steps(self.directory)
+            kept = saved_steps(self.directory)
             newest = f"step {kept[-1]}" if kept else "none"
             if failed in kept:
                 raise CheckpointWriteError(
@@ -350,7 +349,7 @@ def save(
     """
     checks.non_negative_int("epoch", epoch)
     step = int(jax.device_get(state.step))
-    if step in steps(directory):
+    if step in saved_steps(directory):
         raise CheckpointError(f"directory {str(directory)!r} already holds a checkpoint of train step {step}")
     saver = BackupAndRestore(directory, state, max_to_keep=max_to_keep, seed=seed, initial_epoch=epoch, kind=kind)
     saver.on_train_end({}, state)

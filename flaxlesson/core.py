@@ -29,6 +29,8 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from flaxlesson import checks
+
 Batch = dict[str, Any]
 Totals = dict[str, jax.Array]
 
@@ -195,6 +197,7 @@ def create_train_state(
     The initialisation is jitted: run op by op, the fast conv forms of `ops` took seconds for the CNN.
     """
     get_loss(loss)
+    checks.model_config(model)
     extra = {"train": False} if takes(model, "train") else {}
     init = jax.jit(lambda key, x: apply_inputs(lambda inputs, **kw: model.init(key, inputs, **kw, **extra), x))
     variables = init(jax.random.key(seed), sample_x)

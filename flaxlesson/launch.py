@@ -209,6 +209,14 @@ def _attempt(
     return outputs, None if failed is None else _Failure(attempt, failed[0], failed[1], outputs[failed[0]])
 
 
+class LaunchError(RuntimeError):
+    """The run's processes failed on their last attempt: `summary` says which and how, `output` its last lines."""
+
+    def __init__(self, summary: str, output: str, max_restarts: int):
+        super().__init__(f"{summary}\nits last output:\n{output}")
+        self.summary, self.output, self.max_restarts = summary, output, max_restarts
+
+
 class _Terminated(BaseException):
     """SIGTERM reached the launcher: stop the workers, then terminate as the signal asks."""
 
@@ -250,11 +258,11 @@ def launch_local(
 
     Each process gets `devices_per_process` virtual CPU devices, finds the others through the environment that
     `parallel.initialize` reads, and is told its attempt in `FLAXLESSON_RESTART`. When one exits non-zero, is
-    killed, sends no heartbeat for `heartbeat_timeout` seconds (once `parallel.initialize` has started it), or the
-    attempt passes `timeout` seconds, the others get SIGTERM and, `grace` seconds later, SIGKILL; the group then
-    starts again, up to `max_restarts` times. After the last failure a RuntimeError names the process, how it
-    failed, and carries its last output. `heartbeat_timeout` is below JAX's own (100 s), so a stopped process is
-    named before its peers' runtime aborts.
+    killed, sends no heartbeat for `heartbeat_timeout` seconds (once the script has started it with
+    `worker.start_heartbeat`), or the attempt passes `timeout` seconds, the others get SIGTERM and, `grace` seconds
+    later, SIGKILL; the group then starts again, up to `max_restarts` times. After the last failure a `LaunchError`
+    names the process, how it failed, and carries its last output. `heartbeat_timeout` is below JAX's own (100 s),
+    so a stopped process is named before its peers' runtime aborts.
     """
     checks.positive_int("num_processes", num_processes)
     checks.positive_int("devices_per_process", devices_per_process)
@@ -279,7 +287,8 @@ def launch_local(
     last = failures[-1]
     earlier = "".join(f"\nattempt {f.attempt + 1}: {f.describe(num_processes)}" for f in failures[:-1])
     tail = "\n".join(last.output.splitlines()[-_TAIL_LINES:])
-    raise RuntimeError(
-        f"{last.describe(num_processes)} (attempt {last.attempt + 1} of {max_restarts + 1}){earlier}\n"
-        f"its last output:\n{tail}"
+    raise LaunchError(
+        f"{last.describe(num_processes)} (attempt {last.attempt + 1} of {max_restarts + 1}){earlier}",
+        tail,
+        max_restarts,
     )

@@ -8,8 +8,11 @@ processes once `initialize` has started JAX's multi-controller runtime: every pr
 reads its own slice of each global batch, and the global arrays are built from those slices.
 """
 
+import math
 import os
 import re
+import socket
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -18,7 +21,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flaxlesson import checks, worker
+from flaxlesson import checks
 
 AXIS = "data"
 """The mesh axis, and the pmap axis, that the global batch is split over."""
@@ -284,6 +287,16 @@ def get_strategy(strategy: Strategy | str | None = None) -> Strategy:
     return strategy
 
 
+def host_copy(tree: Any) -> Any:
+    """A host (numpy) copy of state as `Strategy.unreplicate` gives it, readable in every process of a run.
+
+    Each array's copy on this process's first device: a replicated global array is not fully addressable there.
+    """
+    return jax.tree.map(
+        lambda a: np.array(a.addressable_shards[0].data) if isinstance(a, jax.Array) else np.array(a), tree
+    )
+
+
 def device_memory_bytes(strategy: Strategy) -> int:
     """Memory of one device the strategy runs on: its allocator's limit, or on a CPU the host's RAM per device."""
     stats = strategy.devices[0].memory_stats() or {}
@@ -312,22 +325,64 @@ def _cluster_size() -> int | None:
     return None
 
 
+STARTUP_TIMEOUT = 300.0
+"""Seconds every process waits for the whole run to join before it gives up (JAX's `initialization_timeout`)."""
+
+
+def _port_in_use(port: int) -> bool:
+    """Whether something on this host listens on TCP `port` already (process 0's coordinator could not start)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT is free for a server
+        try:
+            probe.bind(("", port))
+        except OSError:
+            return True
+    return False
+
+
+def _wait_for_coordinator(host: str, port: int, timeout: float) -> None:
+    """Wait until process 0's coordinator accepts connections; a TimeoutError after `timeout` seconds.
+
+    JAX's own wait ends in an abort (a C++ check failure and its stack), so the common case, process 0 not there
+    yet or at all, is waited for here, where it can end in one line.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1.0).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"no coordinator answered at {host}:{port} within {timeout:g}s; start process 0 there "
+                    "(with the same coordinator address), or allow a longer start-up"
+                ) from None
+            time.sleep(0.1)
+
+
 def initialize(
-    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    timeout: float = STARTUP_TIMEOUT,
 ) -> int:
     """Join a run of several processes through `jax.distributed.initialize`; returns the process count.
 
     Each argument left None is read from the environment (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`,
     `JAX_PROCESS_ID`). When the count is in neither, a cluster launcher's is used (Open MPI's `mpirun`, SLURM's
-    `srun`) and JAX works out the rest from that launcher's variables. With one process nothing is started. Under
-    `launch.launch_local` this also starts the heartbeat its launcher watches. Call it before anything else in JAX.
+    `srun`) and JAX works out the rest from that launcher's variables. With one process nothing is started. Call it
+    before anything else in JAX. Every process gives up after `timeout` seconds without the whole run (JAX's
+    `initialization_timeout`); process 0 first refuses a coordinator port already in use on its host (ValueError),
+    and the others wait for the coordinator to answer (TimeoutError), each in one line.
     """
-    worker.start_heartbeat()
+    timeout = checks.positive_number("timeout", timeout)
     num_processes = _env_int(ENV_NUM_PROCESSES, num_processes)
     process_id = _env_int(ENV_PROCESS_ID, process_id)
     coordinator_address = coordinator_address or os.environ.get(ENV_COORDINATOR) or None
+    startup = {"initialization_timeout": max(1, math.ceil(timeout))}
     if num_processes is None and (_cluster_size() or 1) > 1:
-        jax.distributed.initialize(coordinator_address=coordinator_address, process_id=process_id)
+        jax.distributed.initialize(coordinator_address=coordinator_address, process_id=process_id, **startup)
         return jax.process_count()
     if num_processes is None or num_processes == 1:
         if process_id not in (None, 0):
@@ -338,7 +393,15 @@ def initialize(
         raise ValueError(f"process_id must be in [0, {num_processes}) for {num_processes} processes, got {process_id}")
     if not coordinator_address or not re.fullmatch(r"\S+:\d+", coordinator_address):
         raise ValueError(f"coordinator_address must be 'host:port' (process 0's address), got {coordinator_address!r}")
+    host, port = coordinator_address.rsplit(":", 1)
+    if process_id == 0 and _port_in_use(int(port)):
+        raise ValueError(
+            f"coordinator_address: port {port} is in use on this host, so process 0 cannot run the coordinator "
+            "there; pick another port"
+        )
+    if process_id != 0:
+        _wait_for_coordinator(host.strip("[]"), int(port), timeout)
     jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id, **startup
     )
     return num_processes

@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import jax
 import numpy as np
+import psutil
 
 from flaxlesson import batching, checks, parallel
 from flaxlesson.batching import Batch, Layout
@@ -101,22 +102,13 @@ def scaled_inputs(x: Any) -> Any:
     return scaled_images(x)
 
 
-def is_batches(x: Any) -> bool:
-    """Whether `x` is an iterable of batches: no array, dict or string, and a list or tuple only of (x, y) tuples."""
-    if isinstance(x, (np.ndarray, jax.Array, dict, str, bytes)) or hasattr(x, "__array__"):
-        return False
-    if isinstance(x, (list, tuple)):
-        return bool(x) and isinstance(x[0], tuple) and len(x[0]) in (1, 2) and not np.isscalar(x[0][0])
-    return isinstance(x, Iterable)
-
-
 def from_data(x: Any, y: Any | None = None, *, steps: int | None = None, steps_name: str = "steps_per_epoch") -> Source:
     """The source of `x` (and labels `y`): arrays in memory (uint8 inputs scaled), a stream, or batches.
 
     `steps` (Keras's `steps_per_epoch`, `validation_steps` or `steps`, named by `steps_name` in errors) is the
     batches an epoch reads from an iterable without a length.
     """
-    if isinstance(x, Streamable) or is_batches(x):
+    if isinstance(x, Streamable) or checks.is_batches(x):
         if y is not None:
             raise ValueError("y: a streaming dataset or an iterable of batches carries its own labels; pass y=None")
         return StreamSource(x) if isinstance(x, Streamable) else IterableSource(x, steps, steps_name)
@@ -125,7 +117,7 @@ def from_data(x: Any, y: Any | None = None, *, steps: int | None = None, steps_n
 
 def from_validation_data(validation_data: Any, steps: int | None = None) -> Source:
     """Keras's `validation_data`: an (x, y) tuple, a streaming dataset, or an iterable of batches (`steps` of them)."""
-    if isinstance(validation_data, Streamable) or is_batches(validation_data):
+    if isinstance(validation_data, Streamable) or checks.is_batches(validation_data):
         return from_data(validation_data, steps=steps, steps_name="validation_steps")
     x, y = validation_data
     return from_data(x, y)
@@ -205,6 +197,8 @@ class ArraySource:
         return ArraySource(x, y), ArraySource(x_val, y_val)
 
     def placed(self, strategy: parallel.Strategy, data_on_device: bool | None, epochs: int = 1) -> "ArraySource":
+        if data_on_device:
+            check_host_copies(self.x, self.y, strategy)
         resident = fits_on_device(self.x, self.y, strategy) if data_on_device is None else data_on_device
         return ResidentSource(self.x, self.y, strategy) if resident else self
 
@@ -329,15 +323,36 @@ class StreamSource:
             self._open = None
 
 
-def fits_on_device(x: Any, y: Any, strategy: parallel.Strategy, share: float = RESIDENT_SHARE) -> bool:
-    """Whether (x, y) should stay resident by default: one process, and at most `share` of one device's memory.
+def _on_cpu(strategy: parallel.Strategy) -> bool:
+    """Whether every device of the strategy is a CPU device, whose memory is the host's own RAM."""
+    return all(device.platform == "cpu" for device in strategy.devices)
 
-    Each device holds a whole copy. With several processes each reads only its share of every batch from the
-    host instead, so no process needs the whole set on its devices.
+
+def fits_on_device(x: Any, y: Any, strategy: parallel.Strategy, share: float = RESIDENT_SHARE) -> bool:
+    """Whether (x, y) should stay resident by default: one process, accelerators, at most `share` of one's memory.
+
+    Each device holds a whole copy. On CPU devices nothing is placed: the host arrays already lie in the memory
+    those devices read, each batch is taken from them as it is, and a resident copy would add one copy of the whole
+    set per device to the same RAM. With several processes each reads only its share of every batch from the host
+    instead, so no process needs the whole set on its devices.
     """
-    if strategy.process_count > 1:
+    if strategy.process_count > 1 or _on_cpu(strategy):
         return False
     return nbytes((x, y)) <= share * parallel.device_memory_bytes(strategy)
+
+
+def check_host_copies(x: Any, y: Any, strategy: parallel.Strategy) -> None:
+    """Refuse `data_on_device=True` on CPU devices when their copies (one per device) exceed the available RAM."""
+    if not _on_cpu(strategy):
+        return
+    copies, size = len(strategy.devices), nbytes((x, y))
+    available = psutil.virtual_memory().available
+    if copies * size > available:
+        raise ValueError(
+            f"data_on_device: {copies} resident copies of {size / 2**30:.2f} GiB (one per CPU device) exceed the "
+            f"{available / 2**30:.2f} GiB of memory available; leave data_on_device=None to read batches from the "
+            "host arrays"
+        )
 
 
 def _as_batch(item: Any) -> tuple[Any, Any]:

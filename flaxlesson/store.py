@@ -283,7 +283,7 @@ def newest_good(
     return None, None, None
 
 
-def steps(directory: str | os.PathLike) -> list[int]:
+def saved_steps(directory: str | os.PathLike) -> list[int]:
     """The train steps of the complete checkpoints in `directory` (none when it does not exist); unverified."""
     with reading(directory) as manager:
         return [] if manager is None else sorted(manager.all_steps())

@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from flaxlesson import core
+from flaxlesson import checks, core
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +129,11 @@ def summary(model: nn.Module, sample_input: Any, *, seed: int = 0) -> Summary:
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a flax.linen Module, got {type(model).__name__}")
+    if sample_input is None or not jax.tree.leaves(sample_input):
+        raise ValueError(
+            f"sample_input must be a batch of inputs (an array, or a dict as fit takes), got {sample_input!r}"
+        )
+    sample_input = checks.inputs("sample_input", sample_input)
     interceptor, layers = _recorder()
 
     def init(inputs: Any, **kwargs: Any) -> Any:

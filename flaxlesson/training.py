@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from flaxlesson import batching, checks, core, parallel, sources
+from flaxlesson import batching, checks, core, interrupts, parallel, sources
 from flaxlesson.callbacks import Callback, History, LambdaCallback, ProgressBar
 from flaxlesson.core import (
     Loss,
@@ -75,12 +75,9 @@ def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
     sample = jax.tree.map(lambda a: np.asarray(a)[:1], x)
     try:
         out = jax.eval_shape(lambda: core.forward(state, state.params, sample))
-    except flax.errors.ScopeParamShapeError as e:
-        shape = np.shape(x["x"] if isinstance(x, dict) else x)[1:]
-        raise ValueError(
-            f"x: samples of shape {shape} do not fit the model's parameters, which were initialised "
-            f"on inputs of another shape ({e})"
-        ) from e
+    except (flax.errors.ScopeParamShapeError, flax.errors.ScopeParamNotFoundError) as e:
+        raise _params_mismatch(state, sample, e) from e
+    checks.model_outputs("x", np.shape(sample["x"] if isinstance(sample, dict) else sample)[1:], out.shape)
     if y is None:
         return
     y = np.asarray(y)
@@ -89,6 +86,34 @@ def _check_xy(state: TrainState, x: Any, y: Any | None) -> None:
     if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y)):
         raise ValueError("y: labels must be finite, found NaN or infinity")
     core.get_loss(state.loss).check_labels(y, math.prod(out.shape[1:]))
+
+
+def _params_mismatch(state: TrainState, sample: Any, error: Exception) -> ValueError:
+    """Whom to blame when `state.params` do not fit its model on `sample`: the state, or the inputs x.
+
+    The model is initialised abstractly (`jax.eval_shape`, nothing computed) on `sample`: params of other layers,
+    or of more than one other shape, belong to another model; inputs of another shape change only the one kernel
+    their trailing axis reaches (the first layer's, or the first Dense after a flatten).
+    """
+    shape = np.shape(sample["x"] if isinstance(sample, dict) else sample)[1:]
+    if state.model is not None:
+
+        def init(inputs: Any, **kwargs: Any) -> Any:
+            return state.model.init(jax.random.key(0), inputs, **kwargs)
+
+        wanted = jax.eval_shape(lambda: core.apply_inputs(init, sample))["params"]
+        changed = sum(
+            np.shape(a) != np.shape(b) for a, b in zip(jax.tree.leaves(wanted), jax.tree.leaves(state.params))
+        )
+        if jax.tree.structure(wanted) != jax.tree.structure(state.params) or changed > 1:
+            return ValueError(
+                f"state: its params belong to another model than its {type(state.model).__name__}; pass the "
+                f"state that create_train_state made for this model ({error})"
+            )
+    return ValueError(
+        f"x: samples of shape {shape} do not fit the model's parameters, which were initialised on inputs of "
+        f"another shape ({error})"
+    )
 
 
 def _checked(state: TrainState, source: sources.Source) -> sources.Source:
@@ -150,7 +175,11 @@ def _stop_requests(signals: tuple[signal.Signals, ...]) -> Iterator[dict[str, st
     """While a fit runs, record the first of `signals` (SIGINT, SIGTERM) to arrive (the fit stops after its call).
 
     A second SIGINT raises KeyboardInterrupt as usual. Only the main thread takes signals; elsewhere nothing changes.
+    Where a script records signals for its whole run (`interrupts.whole_run`), the fit reads that record instead.
     """
+    if interrupts.shared() is not None:
+        yield interrupts.shared()
+        return
     requests: dict[str, str] = {}
     if threading.current_thread() is not threading.main_thread():
         yield requests
@@ -167,16 +196,6 @@ def _stop_requests(signals: tuple[signal.Signals, ...]) -> Iterator[dict[str, st
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def _as_callbacks(callbacks: Sequence[Callback]) -> list[Callback]:
-    for i, callback in enumerate(callbacks):
-        if not isinstance(callback, Callback):
-            raise ValueError(
-                f"callbacks[{i}] must be a callbacks.Callback (wrap a function in "
-                f"LambdaCallback(on_epoch_end=fn)), got {type(callback).__name__}"
-            )
-    return list(callbacks)
 
 
 @dataclasses.dataclass
@@ -275,7 +294,7 @@ def fit(
     verbose: int | str = "auto",
     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     strategy: parallel.Strategy | str | None = None,
-    callbacks: Sequence[Callback] = (),
+    callbacks: Sequence[Callback] | Callback | None = (),
     steps_per_execution: StepsPerExecution = 1,
     data_on_device: bool | None = None,
     steps_per_epoch: int | None = None,
@@ -296,17 +315,29 @@ def fit(
     the uninterrupted one does; that epoch's History entry (loss, accuracy, samples/s) covers only the steps run.
     `steps_per_execution` (an int, or 'epoch') runs that many steps per compiled call, with the same update.
     `data_on_device` keeps x and y on the device(s), moving only each epoch's index order; None decides by size
-    (`sources.RESIDENT_SHARE` of one device's memory). `steps_per_epoch` (Keras's) cuts each epoch to its first
-    that many steps, e.g. to train a fixed number of steps on a large streamed set.
+    (`sources.RESIDENT_SHARE` of one device's memory; never on CPU devices, which read the host arrays as they are).
+    `steps_per_epoch` (Keras's) cuts each epoch to its first that many steps, e.g. to train a fixed number of steps
+    on a large streamed set.
     `x` may also be any iterable of (x, y) batches (a generator, a grain dataset, a tf.data `as_numpy_iterator()`,
     a torch DataLoader): `sources.IterableSource`, its epochs `len(x)` or `steps_per_epoch` batches long;
     `validation_data` too, `validation_steps` batches long when it has no length.
     """
+    x, y, validation_data, callbacks = checks.fit_arguments(
+        state,
+        x,
+        y,
+        seed=seed,
+        verbose=verbose,
+        shuffle=shuffle,
+        data_on_device=data_on_device,
+        validation_data=validation_data,
+        callbacks=callbacks,
+        callback_kind=Callback,
+    )
     epochs, initial_epoch, initial_step = _checked_counts(
         epochs, batch_size, initial_epoch, initial_step, steps_per_epoch
     )
     given = _checked(state, sources.from_data(x, y, steps=steps_per_epoch))
-    callbacks = _as_callbacks(callbacks)
     train, held_out = given.split(checks.fraction("validation_split", validation_split))
     sources.warn_if_one_class(train, held_out)
     if validation_data is not None and held_out is None:
@@ -453,6 +484,7 @@ def evaluate(
 
     `steps`: the batches to read from an iterable without a length (e.g. a generator).
     """
+    x, y = checks.evaluate_arguments(state, x, y, data_on_device=data_on_device)
     checks.positive_int("batch_size", batch_size)
     source = _checked(state, sources.from_data(x, y, steps=steps, steps_name="steps"))
     if not source.has_labels:
@@ -480,6 +512,7 @@ def predict(
 
     `x` as `evaluate` takes it (labels in it are not read); `steps` as there.
     """
+    x = checks.predict_arguments(state, x, data_on_device=data_on_device)
     checks.positive_int("batch_size", batch_size)
     source = _checked(state, sources.from_data(x, steps=steps, steps_name="steps"))
     strategy = parallel.get_strategy(strategy)

@@ -6,9 +6,10 @@ every process it starts:
 - `FLAXLESSON_RESTART`: the attempt, 0 for the first run and k for the k-th restart of the whole group. A script
   that saves checkpoints should resume from its newest one when this is above 0 (`restart_attempt() > 0`).
 - `FLAXLESSON_HEARTBEAT_FD` and `FLAXLESSON_HEARTBEAT_SECONDS`: the write end of a pipe to the launcher and how
-  often to write to it. `start_heartbeat` (called by `parallel.initialize`) writes a byte that often from a
-  daemon thread; a process that stops writing (stopped by SIGSTOP, frozen) is named by the launcher and the group
-  is stopped. A process that never starts its heartbeat is watched by its exit and the launch timeout alone.
+  often to write to it. `start_heartbeat`, which a launched script calls as it starts (experiments/distributed.py
+  does, before `parallel.initialize`), writes a byte that often from a daemon thread; a process that stops writing
+  (stopped by SIGSTOP, frozen) is named by the launcher and the group is stopped. A process that never starts its
+  heartbeat is watched by its exit and the launch timeout alone.
 """
 
 import os

@@ -158,6 +158,15 @@ def test_restore_best_weights_restores_also_when_the_fit_ran_to_the_end_as_keras
     _assert_same_params(state.params, saved[1])
 
 
+def test_early_stopping_verbose_prints_keras_messages_to_stdout(capsys):
+    x, y = _toy()
+    stopper = EarlyStopping(patience=0, verbose=1, restore_best_weights=True)
+    training.fit(_state(), x, y, epochs=3, batch_size=8, verbose=0, callbacks=[_scripted([1.0, 0.5, 0.7]), stopper])
+    assert capsys.readouterr().out == (
+        "Epoch 3: early stopping\nRestoring model weights from the end of the best epoch: 2.\n"
+    )
+
+
 def test_without_restore_best_weights_the_fit_returns_its_last_params():
     x, y = _toy()
     record, saved = _params_by_epoch()
@@ -210,7 +219,7 @@ def test_bad_arguments_are_refused_naming_them():
         ReduceLROnPlateau(factor=1.0)
     with pytest.raises(ValueError, match="min_delta must be a finite number"):
         ReduceLROnPlateau(min_delta=float("nan"))
-    with pytest.raises(ValueError, match="update_freq must be 'epoch', 'batch' or a positive integer"):
+    with pytest.raises(ValueError, match=r"update_freq \(or 'batch'\) must be a positive integer or 'epoch'"):
         TensorBoard("logs", update_freq=0)
     with pytest.raises(ValueError, match="separator must be one character"):
         CSVLogger("log.csv", separator="")
@@ -267,6 +276,14 @@ def test_reduce_lr_in_a_fit_records_the_rate_per_epoch_and_trains_with_the_new_o
     state, history = training.fit(_state(), x, y, epochs=3, batch_size=8, verbose=0, callbacks=[reduce])
     np.testing.assert_allclose(history.history["learning_rate"], [1e-3, 1e-3, 5e-4], rtol=1e-6)
     np.testing.assert_allclose(core.learning_rate(state), 2.5e-4, rtol=1e-6)
+
+
+def test_reduce_lr_verbose_prints_keras_message_to_stdout(capsys):
+    x, y = _toy()
+    reduce = ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=10.0, verbose=1)
+    training.fit(_state(), x, y, epochs=2, batch_size=8, verbose=0, callbacks=[reduce])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Epoch 2: ReduceLROnPlateau reducing learning rate to 0.0005")
 
 
 def test_reduce_lr_refuses_an_optimiser_without_an_injected_rate():

@@ -83,7 +83,7 @@ def test_saved_on_one_device_resumes_on_eight(tmp_path):
 
 def test_a_checkpoint_is_written_every_epoch_keeping_the_newest(tmp_path):
     _fit(_state(), 3, callbacks=[checkpoint.ModelCheckpoint(tmp_path, _state(), max_to_keep=2)])
-    assert checkpoint.steps(tmp_path) == [8, 12]  # 4 steps an epoch
+    assert checkpoint.saved_steps(tmp_path) == [8, 12]  # 4 steps an epoch
     assert _where(checkpoint.latest_position(tmp_path)) == checkpoint.Position(epoch=3, step=0, seed=0)
 
 
@@ -103,7 +103,7 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
             _state(), 3, callbacks=[training.LambdaCallback(on_epoch_end=interrupt_saves_after_the_first_epoch), saver]
         )
     monkeypatch.undo()
-    assert checkpoint.steps(tmp_path) == [4]
+    assert checkpoint.saved_steps(tmp_path) == [4]
     restored, epoch = checkpoint.restore(tmp_path, _state())
     _assert_close(restored.params, after_one.params, rtol=0)
     resumed = _fit(
@@ -112,7 +112,7 @@ def test_an_interrupted_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
         initial_epoch=epoch,
         callbacks=[checkpoint.ModelCheckpoint(tmp_path, restored, initial_epoch=epoch)],
     )
-    assert checkpoint.steps(tmp_path) == [8, 12]
+    assert checkpoint.saved_steps(tmp_path) == [8, 12]
     _assert_close(resumed.params, _fit(_state(), 3).params)
 
 
@@ -219,7 +219,7 @@ def test_a_file_added_to_a_marked_folder_is_refused(tmp_path):
     (tmp_path / "9" / "notes.txt").write_text("a user's")
     with pytest.raises(checkpoint.CheckpointError, match=r"did not write \('9'\)"):
         resume_or_start(tmp_path, _state(), resume=True)
-    assert (tmp_path / "9" / "notes.txt").read_text() == "a user's" and checkpoint.steps(tmp_path) == [4, 9]
+    assert (tmp_path / "9" / "notes.txt").read_text() == "a user's" and checkpoint.saved_steps(tmp_path) == [4, 9]
 
 
 def test_a_symlinked_step_folder_is_refused_before_training_naming_the_link(tmp_path):

@@ -145,13 +145,13 @@ def test_checkpoints_are_taken_where_save_freq_steps_are_crossed_and_at_the_end(
     _run(_start(tmp_path, save_freq=5, max_to_keep=10), steps_per_execution=2)
     # calls end at steps 2, 4, 6, 7 of each epoch (global 2, 4, 6, 7, 9, 11, 13, 14, 16, ...): the calls that
     # cross 5, 10, 15, 20 save; the end of the fit (step 21) saves too
-    assert checkpoint.steps(tmp_path) == [6, 11, 16, 20, 21]
+    assert checkpoint.saved_steps(tmp_path) == [6, 11, 16, 20, 21]
     assert _where(checkpoint.latest_position(tmp_path)) == checkpoint.Position(epoch=3, step=0, seed=SEED)
 
 
 def test_a_boundary_crossed_by_an_epochs_last_call_is_saved_as_that_epochs_end(tmp_path):
     _run(_start(tmp_path, save_freq=7, max_to_keep=10))
-    assert checkpoint.steps(tmp_path) == [7, 14, 21]
+    assert checkpoint.saved_steps(tmp_path) == [7, 14, 21]
     state, epoch = checkpoint.restore(tmp_path, _state(), epoch=1)
     assert epoch == 1 and int(state.step) == 7
 
@@ -161,7 +161,7 @@ def stopped_run(tmp_path_factory):
     """A folder holding the checkpoints of steps 6, 8 and 10 (the newest taken at epoch 1, step 3)."""
     directory = tmp_path_factory.mktemp("stopped")
     _run(_start(directory, max_to_keep=3), StopAt(1, 3))
-    assert checkpoint.steps(directory) == [6, 8, 10]
+    assert checkpoint.saved_steps(directory) == [6, 8, 10]
     return directory
 
 
@@ -269,7 +269,7 @@ def test_a_state_with_nan_params_is_never_saved(tmp_path, caplog):
 
     with caplog.at_level(logging.WARNING, logger="flaxlesson.checkpoint"):
         _run(_start(tmp_path, save_freq=1, max_to_keep=2), training.LambdaCallback(on_train_batch_end=poison))
-    assert checkpoint.steps(tmp_path) == [8, 9]  # no NaN state from step 10 on replaced them
+    assert checkpoint.saved_steps(tmp_path) == [8, 9]  # no NaN state from step 10 on replaced them
     assert any("Not saving train step 10" in r.getMessage() and "NaN" in r.getMessage() for r in caplog.records)
     state, position = checkpoint.restore_newest(tmp_path, _state())
     assert _where(position) == checkpoint.Position(1, 2, SEED) and all(
@@ -397,7 +397,7 @@ def test_sigterm_stops_a_run_within_30s_with_a_checkpoint_that_resumes_to_the_un
     finally:
         child.kill()
         child.wait(timeout=30)
-    assert checkpoint.steps(tmp_path)[-1] == 10
+    assert checkpoint.saved_steps(tmp_path)[-1] == 10
     start = resume_or_start(tmp_path, _state(), resume=True, seed=SEED, save_freq=4)
     assert (start.initial_epoch, start.initial_step) == (1, 3)
     resumed, _ = _run(start)
@@ -534,4 +534,4 @@ def test_a_step_folder_turned_symlink_mid_run_fails_saying_the_new_checkpoint_wa
     with pytest.raises(checkpoint.CheckpointWriteError) as error:
         _run(_start(directory, save_freq=2, max_to_keep=1), training.LambdaCallback(on_train_batch_end=link_step_2))
     assert f"the checkpoint of train step 4 in '{directory}' was written, but finishing it failed: " in str(error.value)
-    assert 4 in checkpoint.steps(directory) and (tmp_path / "moved" / "state").is_dir()
+    assert 4 in checkpoint.saved_steps(directory) and (tmp_path / "moved" / "state").is_dir()

@@ -1,12 +1,30 @@
 """The experiments' command line: a bad flag is one usage error before anything loads; folders are checked first;
 Ctrl-C still writes metrics.json and exits 130."""
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import jax
 import pytest
 
-from experiments import augmentation, benchmark, cnn_mnist, distributed, flags, lesson, mlp_iris, rnn_sequences
+from experiments import (
+    augmentation,
+    benchmark,
+    cnn_mnist,
+    distributed,
+    flags,
+    lesson,
+    mlp_iris,
+    rnn_sequences,
+    streaming,
+)
 from flaxlesson import checkpoint, data, results, training
+
+ROOT = Path(__file__).resolve().parent.parent
 
 BAD_VALUES = [
     (mlp_iris, "--seeds", "0"),
@@ -229,3 +247,49 @@ def test_check_writable_names_a_folder_that_is_a_file(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"path: cannot write into '.*file': it is a file, not a folder"):
         results.check_writable(tmp_path / "file")
+
+
+def _configs(module):
+    return [
+        v
+        for v in vars(module).values()
+        if isinstance(v, type) and issubclass(v, flags.Config) and v is not flags.Config
+    ]
+
+
+@pytest.mark.parametrize("script", [augmentation, benchmark, cnn_mnist, distributed, lesson, mlp_iris, rnn_sequences])
+def test_every_script_that_takes_strategy_takes_cpu_devices(script):
+    for config in _configs(script):
+        fields = {f.name for f in dataclasses.fields(config)}
+        assert "strategy" not in fields or "cpu_devices" in fields, config
+
+
+def test_cnn_mnist_cpu_devices_is_one_usage_error_when_jax_already_runs_with_another_count(
+    tmp_path, capsys, nothing_may_load
+):
+    running = jax.local_device_count()  # starts JAX here, as a script's earlier work would
+    line = _usage_error(
+        cnn_mnist, ["--strategy", "sharded", "--cpu-devices", str(running - 1), "--out", str(tmp_path)], capsys
+    )
+    assert f"argument --cpu-devices: JAX already runs in this process with {running} devices" in line
+
+
+def test_cpu_devices_gives_a_fresh_process_that_many_devices():
+    code = "from experiments import cnn_mnist, flags; flags.use_cpu_devices(cnn_mnist.Config(cpu_devices=4)); "
+    code += "import jax; print(jax.local_device_count())"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "4", done.stderr
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [(cnn_mnist, []), (augmentation, []), (rnn_sequences, ["--task", "rows"]), (streaming, [])],
+    ids=["cnn_mnist", "augmentation", "rnn_sequences", "streaming"],
+)
+def test_images_that_are_not_there_are_one_usage_error_of_dataset(script, argv, tmp_path, capsys):
+    missing = str(tmp_path / "no-such-folder")
+    line = _usage_error(
+        script, [*argv, "--dataset", "idx", "--data-dir", missing, "--out", str(tmp_path / "o")], capsys
+    )
+    assert "argument --dataset: " in line and "no-such-folder" in line

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxlesson import models, sources, training
+from flaxlesson import checks, models, training
 
 N, B = 23, 8  # three batches an epoch, the last of 7
 
@@ -123,8 +123,8 @@ def test_iterables_refuse_validation_split_y_and_batches_larger_than_the_first()
 
 def test_from_data_tells_batches_from_arrays():
     x, y = _toy()
-    assert sources.is_batches(_batches(x, y)) and sources.is_batches(_generator(x, y, 1))
-    assert not sources.is_batches(x) and not sources.is_batches(x.tolist()) and not sources.is_batches({"x": x})
+    assert checks.is_batches(_batches(x, y)) and checks.is_batches(_generator(x, y, 1))
+    assert not checks.is_batches(x) and not checks.is_batches(x.tolist()) and not checks.is_batches({"x": x})
 
 
 def test_validation_split_of_class_ordered_labels_warns(caplog):

@@ -1,6 +1,7 @@
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,10 +69,11 @@ def test_a_group_failing_every_attempt_raises_after_its_restarts():
 
 
 def test_a_stopped_process_is_named_by_its_heartbeat_not_its_peer():
-    # Both join JAX's runtime through parallel.initialize, which starts the heartbeat; process 1 then stops, which
+    # Both start their heartbeat and join JAX's runtime through parallel.initialize; process 1 then stops, which
     # leaves process 0 waiting on it: the launcher must blame process 1.
     code = (
-        "import os, signal, time; from flaxlesson import parallel; parallel.initialize(); import jax; "
+        "import os, signal, time; from flaxlesson import parallel, worker; worker.start_heartbeat(); "
+        "parallel.initialize(); import jax; "
         "print('joined', jax.process_index(), jax.process_count(), flush=True); time.sleep(1); "
         "jax.process_index() == 1 and os.kill(os.getpid(), signal.SIGSTOP); time.sleep(60)"
     )
@@ -148,7 +150,7 @@ def test_initialize_leaves_a_slurm_run_to_jax_detection(monkeypatch):
     monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setattr(parallel.jax, "process_count", lambda: 4)
     assert parallel.initialize() == 4
-    assert calls == [{"coordinator_address": None, "process_id": None}]
+    assert calls == [{"coordinator_address": None, "process_id": None, "initialization_timeout": 300}]
 
 
 def test_initialize_starts_nothing_in_a_cluster_run_of_one_process(monkeypatch):
@@ -194,3 +196,69 @@ def test_initialize_joins_a_run_started_by_mpirun(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)]
     assert lines == ["sum 2 0 2 6.0", "sum 2 1 2 6.0"]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_process_0_names_a_coordinator_port_in_use_before_starting(monkeypatch):
+    monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda **kwargs: pytest.fail("started"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"^coordinator_address: port {port} is in use on this host"):
+            parallel.initialize(f"127.0.0.1:{port}", 2, 0)
+
+
+def test_a_process_without_a_coordinator_gives_up_after_its_startup_timeout(monkeypatch):
+    monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda **kwargs: pytest.fail("started"))
+    port, start = _free_port(), time.monotonic()
+    with pytest.raises(TimeoutError, match=rf"no coordinator answered at 127.0.0.1:{port} within 0.5s"):
+        parallel.initialize(f"127.0.0.1:{port}", 2, 1, timeout=0.5)
+    assert time.monotonic() - start < 3
+
+
+def test_the_startup_timeout_reaches_jax_as_its_initialization_timeout(monkeypatch):
+    calls = []
+    monkeypatch.setattr(parallel.jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    parallel.initialize(f"127.0.0.1:{_free_port()}", 2, 0, timeout=12.5)
+    assert calls[0]["initialization_timeout"] == 13 and calls[0]["process_id"] == 0
+
+
+def test_distributed_names_the_port_in_use_in_one_usage_line(tmp_path, capsys):
+    from experiments import distributed
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--processes", "2", "--process-id", "0", "--coordinator", f"127.0.0.1:{port}", "--out", str(tmp_path)]
+        with pytest.raises(SystemExit) as exit_:
+            distributed.main(argv)
+    assert exit_.value.code == 2
+    assert f"error: argument --coordinator: port {port} is in use on this host" in capsys.readouterr().err
+
+
+def test_distributed_says_how_to_survive_a_dead_process_without_a_traceback(tmp_path, monkeypatch, capsys):
+    from experiments import distributed
+
+    with pytest.raises(launch.LaunchError) as died:
+        launch.launch_local(["-c", RANK + "sys.exit(3 * (rank == 1))"], 2, timeout=30)
+
+    def launch_local(*args, **kwargs):
+        raise died.value
+
+    monkeypatch.setattr(distributed.launch, "launch_local", launch_local)
+    with pytest.raises(SystemExit) as exit_:
+        distributed.main(["--processes", "2", "--out", str(tmp_path)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].endswith(
+        ": error: process 1 of 2 exited with code 3 (attempt 1 of 1); to survive a dead process, pass --max-restarts N "
+        "(with --checkpoint-dir, to resume from it)"
+    )
+    assert "Traceback" not in err
