@@ -82,6 +82,23 @@ class Config(flags.Config):
         return cls(epochs=1, limit=1000)
 
 
+def _plot(
+    out: str, title: str, history: training.History, images: data.ImageData, y_pred: np.ndarray, matrix: np.ndarray
+) -> None:
+    """The run's figures: training curves (if an epoch ran), the first 25 test predictions, the confusion matrix."""
+    if history.epoch:
+        plots.history_curves(history, f"{out}/curves.png", title=title)
+    plots.prediction_grid(
+        images.x_test[:25],
+        images.y_test[:25],
+        y_pred[:25],
+        images.class_names,
+        f"{out}/predictions.png",
+        title=f"{title}: first 25 test images",
+    )
+    plots.confusion_matrix(matrix, images.class_names, f"{out}/confusion_matrix.png", title=f"{title}: test set")
+
+
 def run(config: Config) -> dict:
     """Fit the CNN (resuming from a checkpoint if asked), score it on the test images; write metrics and figures."""
     flags.use_cpu_devices(config)
@@ -145,18 +162,7 @@ def run(config: Config) -> dict:
         **flags.save_trained(config, state, images.x_train[:1]),
     }
     results.write_metrics(config.out, metrics)
-    title = f"{type(model).__name__} on {images.name}"
-    if history.epoch:
-        plots.history_curves(history, f"{config.out}/curves.png", title=title)
-    plots.prediction_grid(
-        images.x_test[:25],
-        images.y_test[:25],
-        y_pred[:25],
-        images.class_names,
-        f"{config.out}/predictions.png",
-        title=f"{title}: first 25 test images",
-    )
-    plots.confusion_matrix(matrix, images.class_names, f"{config.out}/confusion_matrix.png", title=f"{title}: test set")
+    _plot(config.out, f"{type(model).__name__} on {images.name}", history, images, y_pred, matrix)
     speed = metrics["train_samples_per_second"]
     trained = (
         f"{speed:,.0f} train samples/s"

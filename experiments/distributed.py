@@ -18,6 +18,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -148,7 +149,7 @@ def train(config: Config) -> dict:
         save_freq=config.save_freq,
         kind="distributed",
     )
-    same = {
+    fit_settings = {
         "epochs": config.epochs,
         "batch_size": config.batch_size,
         "seed": config.seed,
@@ -163,7 +164,7 @@ def train(config: Config) -> dict:
         strategy=strategy,
         callbacks=start.callbacks,
         verbose=2 if lead else 0,
-        **same,
+        **fit_settings,
     )
     params = jax.device_get(state.params)
     stopped = flags.interrupted(history)
@@ -171,15 +172,7 @@ def train(config: Config) -> dict:
         return stopped
 
     # An interrupted fit stops mid-epoch, where no single-device run of whole epochs can be compared with it.
-    single, diff = training.History(), None
-    if not stopped:
-        reference, single = training.fit(
-            training.create_train_state(model, x[:1], seed=config.seed), x, y, strategy="single", verbose=0, **same
-        )
-        diff = max(
-            float(np.max(np.abs(a - b)))
-            for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(reference.params)), strict=True)
-        )
+    single, diff = (training.History(), None) if stopped else _on_one_device(model, x, y, params, config, fit_settings)
     metrics = {
         "strategy": config.strategy,
         "num_devices": strategy.num_replicas,
@@ -202,23 +195,40 @@ def train(config: Config) -> dict:
             f"{config.out}/curves.png",
             title=f"Dense net, {config.strategy} over {strategy.num_replicas} device(s)",
         )
-    if stopped:
-        timing = f"interrupted after {len(history.epoch)} whole epoch(s), not compared with one device"
-    elif history.epoch:
-        timing = (
-            f"step {metrics['step_seconds'] * 1e3:.2f} ms (one device "
-            f"{metrics['single_device_step_seconds'] * 1e3:.2f} ms), max |params - one-device params| = {diff:.2e}"
-        )
-    else:
-        timing = (
-            f"nothing left to train after epoch {start.initial_epoch}, max |params - one-device params| = {diff:.2e}"
-        )
     print(
-        f"{config.strategy}: {metrics['num_devices']} device(s) in {metrics['num_processes']} process(es), {timing} "
-        f"-> {config.out}/metrics.json",
+        f"{config.strategy}: {metrics['num_devices']} device(s) in {metrics['num_processes']} process(es), "
+        f"{_timing(metrics, history, stopped)} -> {config.out}/metrics.json",
         flush=True,
     )
     return metrics
+
+
+def _on_one_device(
+    model: Any, x: np.ndarray, y: np.ndarray, params: Any, config: Config, fit_settings: dict[str, Any]
+) -> tuple[training.History, float]:
+    """The same fit on one device from the same start: its History and max |params - its params|."""
+    start = training.create_train_state(model, x[:1], seed=config.seed)
+    reference, history = training.fit(start, x, y, strategy="single", verbose=0, **fit_settings)
+    diff = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(reference.params)), strict=True)
+    )
+    return history, diff
+
+
+def _timing(metrics: dict[str, Any], history: training.History, stopped: dict[str, Any]) -> str:
+    """The report line's middle: the step times and the difference from one device, or why there are none."""
+    diff = metrics["max_abs_param_diff"]
+    if stopped:
+        return f"interrupted after {len(history.epoch)} whole epoch(s), not compared with one device"
+    if history.epoch:
+        return (
+            f"step {metrics['step_seconds'] * 1e3:.2f} ms (one device "
+            f"{metrics['single_device_step_seconds'] * 1e3:.2f} ms), max |params - one-device params| = {diff:.2e}"
+        )
+    return (
+        f"nothing left to train after epoch {metrics['initial_epoch']}, max |params - one-device params| = {diff:.2e}"
+    )
 
 
 def run(config: Config) -> dict:

@@ -297,6 +297,11 @@ def host_copy(tree: Any) -> Any:
     )
 
 
+def on_cpu(strategy: Strategy) -> bool:
+    """Whether every device of the strategy is a CPU device, whose memory is the host's own RAM."""
+    return all(device.platform == "cpu" for device in strategy.devices)
+
+
 def device_memory_bytes(strategy: Strategy) -> int:
     """Memory of one device the strategy runs on: its allocator's limit, or on a CPU the host's RAM per device."""
     stats = strategy.devices[0].memory_stats() or {}

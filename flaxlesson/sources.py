@@ -323,11 +323,6 @@ class StreamSource:
             self._open = None
 
 
-def _on_cpu(strategy: parallel.Strategy) -> bool:
-    """Whether every device of the strategy is a CPU device, whose memory is the host's own RAM."""
-    return all(device.platform == "cpu" for device in strategy.devices)
-
-
 def fits_on_device(x: Any, y: Any, strategy: parallel.Strategy, share: float = RESIDENT_SHARE) -> bool:
     """Whether (x, y) should stay resident by default: one process, accelerators, at most `share` of one's memory.
 
@@ -336,14 +331,14 @@ def fits_on_device(x: Any, y: Any, strategy: parallel.Strategy, share: float = R
     set per device to the same RAM. With several processes each reads only its share of every batch from the host
     instead, so no process needs the whole set on its devices.
     """
-    if strategy.process_count > 1 or _on_cpu(strategy):
+    if strategy.process_count > 1 or parallel.on_cpu(strategy):
         return False
     return nbytes((x, y)) <= share * parallel.device_memory_bytes(strategy)
 
 
 def check_host_copies(x: Any, y: Any, strategy: parallel.Strategy) -> None:
     """Refuse `data_on_device=True` on CPU devices when their copies (one per device) exceed the available RAM."""
-    if not _on_cpu(strategy):
+    if not parallel.on_cpu(strategy):
         return
     copies, size = len(strategy.devices), nbytes((x, y))
     available = psutil.virtual_memory().available

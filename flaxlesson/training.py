@@ -198,6 +198,9 @@ def _stop_requests(signals: tuple[signal.Signals, ...]) -> Iterator[dict[str, st
             signal.signal(sig, old)
 
 
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @dataclasses.dataclass
 class _Run:
     """What every epoch of one fit shares: where it runs, what it reads, its compiled calls and its stop signals."""
@@ -270,6 +273,36 @@ def _checked_counts(
     return epochs, initial_epoch, checks.non_negative_int("initial_step", initial_step)
 
 
+def _fit_sources(
+    state: TrainState,
+    x: Any,
+    y: Any,
+    validation_split: float,
+    validation_data: Any,
+    steps_per_epoch: int | None,
+    validation_steps: int | None,
+) -> tuple[sources.Source, sources.Source, sources.Source | None]:
+    """What fit reads, checked: all it was given, the part it trains on, and the held-out part (or None).
+
+    The held-out part is `validation_split`'s last fraction, else `validation_data`.
+    """
+    given = _checked(state, sources.from_data(x, y, steps=steps_per_epoch))
+    train, held_out = given.split(checks.fraction("validation_split", validation_split))
+    sources.warn_if_one_class(train, held_out)
+    if validation_data is not None and held_out is None:
+        held_out = _checked(state, sources.from_validation_data(validation_data, validation_steps))
+    return given, train, held_out
+
+
+def _begin_callbacks(run: _Run, state: TrainState, params: dict[str, Any]) -> None:
+    """Give each callback Keras's `params` (plus the data layout) and call its `on_train_begin`."""
+    params = {**params, "steps": run.steps_in_epoch, "verbose": run.verbose}
+    for callback in run.callbacks:
+        callback.set_params(params)
+    for callback in run.callbacks:
+        callback.on_train_begin(run.strategy.unreplicate(state))
+
+
 def _check_initial_step(initial_step: int, initial_epoch: int, epochs: int, steps_in_epoch: int) -> None:
     if initial_step and not (initial_epoch < epochs and initial_step < steps_in_epoch):
         raise ValueError(
@@ -302,25 +335,17 @@ def fit(
 ) -> tuple[TrainState, History]:
     """Train as Keras's `model.fit` does; returns the trained state and a `History`.
 
-    `x` and `y` are arrays (or `x` a dict of arrays, e.g. with `seq_lengths`), or `x` is a streaming dataset
-    (`streaming.StreamingDataset`, labels included, `y` None) read from disk as it trains.
-    `validation_split` holds out the last fraction before shuffling; every epoch reshuffles (seeded by `seed`
-    and the epoch) and trains the last partial batch. `verbose`: 0 silent, 1 a progress bar and a line per
-    epoch, 2 a line per epoch, 'auto' 1 on a terminal else 2. `callbacks` are `callbacks.Callback`s.
-    `strategy` ('single', 'sharded', 'pmap' or a `parallel` strategy object) says where the steps run; each gives
-    the same update for the same global batch. `initial_epoch`, as in Keras, resumes a run: epochs
-    `initial_epoch` .. `epochs - 1` are trained, each shuffled as it would have been in the uninterrupted run.
-    `initial_step` resumes inside epoch `initial_epoch`: its order is drawn again from (`seed`, epoch) and it
-    starts at step `initial_step` (the steps before it are not read), so with the state saved there the run ends as
-    the uninterrupted one does; that epoch's History entry (loss, accuracy, samples/s) covers only the steps run.
+    `x` and `y` are arrays (or `x` a dict of arrays, e.g. with `seq_lengths`); or `x` alone is a streaming dataset
+    (`streaming.StreamingDataset`, an image folder) or any iterable of (x, y) batches (a generator, a grain dataset,
+    a torch DataLoader; `len(x)` or `steps_per_epoch` batches an epoch, `validation_steps` for `validation_data`).
+    `validation_split` holds out the last fraction before shuffling; every epoch reshuffles (seeded by `seed` and
+    the epoch) and trains the last partial batch. `verbose`: 0 silent, 1 a progress bar and a line per epoch, 2 a
+    line per epoch, 'auto' 1 on a terminal else 2. `strategy` ('single', 'sharded', 'pmap' or a `parallel` strategy)
+    says where the steps run, each with the same update for the same global batch. `initial_epoch`, as in Keras,
+    resumes at that epoch, shuffled as in the uninterrupted run; `initial_step` resumes inside it (the steps before
+    are not read), so with the state saved there the run ends as the uninterrupted one does.
     `steps_per_execution` (an int, or 'epoch') runs that many steps per compiled call, with the same update.
-    `data_on_device` keeps x and y on the device(s), moving only each epoch's index order; None decides by size
-    (`sources.RESIDENT_SHARE` of one device's memory; never on CPU devices, which read the host arrays as they are).
-    `steps_per_epoch` (Keras's) cuts each epoch to its first that many steps, e.g. to train a fixed number of steps
-    on a large streamed set.
-    `x` may also be any iterable of (x, y) batches (a generator, a grain dataset, a tf.data `as_numpy_iterator()`,
-    a torch DataLoader): `sources.IterableSource`, its epochs `len(x)` or `steps_per_epoch` batches long;
-    `validation_data` too, `validation_steps` batches long when it has no length.
+    `data_on_device` keeps x and y on the device(s); None decides by size (`sources.fits_on_device`).
     """
     x, y, validation_data, callbacks = checks.fit_arguments(
         state,
@@ -337,11 +362,9 @@ def fit(
     epochs, initial_epoch, initial_step = _checked_counts(
         epochs, batch_size, initial_epoch, initial_step, steps_per_epoch
     )
-    given = _checked(state, sources.from_data(x, y, steps=steps_per_epoch))
-    train, held_out = given.split(checks.fraction("validation_split", validation_split))
-    sources.warn_if_one_class(train, held_out)
-    if validation_data is not None and held_out is None:
-        held_out = _checked(state, sources.from_validation_data(validation_data, validation_steps))
+    given, train, held_out = _fit_sources(
+        state, x, y, validation_split, validation_data, steps_per_epoch, validation_steps
+    )
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose
     strategy = parallel.get_strategy(strategy)
     train = train.placed(strategy, data_on_device, epochs - initial_epoch)
@@ -349,10 +372,9 @@ def fit(
     steps_in_epoch = layout.steps if steps_per_epoch is None else min(layout.steps, steps_per_epoch)
     n = min(train.num_examples, steps_in_epoch * layout.batch_size)
     executor = Executor(strategy, steps_per_execution, steps_in_epoch)
-    preemption_service = _preemption_service_on(strategy)
-    signals = (signal.SIGINT,) if preemption_service else (signal.SIGINT, signal.SIGTERM)
+    preemption_service = _preemption_service_on(strategy)  # if on, SIGTERM is the service's
     # From here a signal is recorded, not raised: one that comes while compiling stops the fit after its first call.
-    with _stop_requests(signals) as stop, contextlib.closing(train):
+    with _stop_requests((signal.SIGINT,) if preemption_service else _SIGNALS) as stop, contextlib.closing(train):
         start = time.perf_counter()
         train_call, state, key = _compiled_train_call(state, train, layout, executor, augment, seed)
         history = History(compile_seconds=time.perf_counter() - start)
@@ -363,12 +385,8 @@ def fit(
                 state.loss, held_out, strategy, batch_size, steps_per_execution, data_on_device
             )
         if callbacks:
-            data_layout = _data_layout(given, train, validation_split, shuffle, seed, run)
-            params = {"epochs": epochs, "steps": steps_in_epoch, "samples": n, "verbose": verbose}
-            for callback in callbacks:
-                callback.set_params({**params, "layout": data_layout})
-        for callback in callbacks:
-            callback.on_train_begin(strategy.unreplicate(state))
+            layout_of_data = _data_layout(given, train, validation_split, shuffle, seed, run)
+            _begin_callbacks(run, state, {"epochs": epochs, "samples": n, "layout": layout_of_data})
         # After on_train_begin, so that a checkpoint of other data settings is refused for what changed.
         _check_initial_step(initial_step, initial_epoch, epochs, steps_in_epoch)
         state, history = _epochs(run, state, history, range(initial_epoch, epochs), initial_step, seed, shuffle, n)
