@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import grain
 import numpy as np
 from PIL import Image
 
@@ -93,24 +92,15 @@ class Decoder:
 
 
 @functools.lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """`batching.epoch_order`, kept while an epoch's steps are read (each grain map call reads one step)."""
-    return batching.epoch_order(n, seed=seed, epoch=epoch, shuffle=shuffle)
-
-
 @dataclasses.dataclass(frozen=True)
 class _LoadBatch:
     """Grain's map from a position (epoch * steps + step) to that batch: this process's rows, decoded."""
 
     dataset: "FolderDataset"
-    layout: batching.Layout
-    seed: int
-    shuffle: bool
+    plan: streaming.Plan
 
     def __call__(self, position: int) -> batching.Batch:
-        epoch, step = divmod(position, self.layout.steps)
-        order = _epoch_order(self.layout.num_examples, self.seed, epoch, self.shuffle)
-        rows, mask = self.layout.step_rows(order, step)
+        rows, mask = self.plan.step_rows(*divmod(position, self.plan.layout.steps))
         return {**self.dataset.take(rows), "mask": mask}
 
 
@@ -193,27 +183,20 @@ class FolderDataset:
         num_epochs: int = 1,
     ) -> streaming.BatchIterator:
         """Epoch `epoch`'s batches (and the next `num_epochs` - 1 epochs'), as `data.iterate_batches` cuts arrays."""
-        layout = batching.Layout(self.num_examples, batch_size, pad_multiple, process_index, process_count)
-        start = checks.non_negative_int("epoch", epoch) * layout.steps + checks.integer(
-            "start_step", start_step, low=0, high=layout.steps
+        plan, start, stop = streaming.plan_batches(
+            self.num_examples,
+            batch_size,
+            seed=seed,
+            epoch=epoch,
+            shuffle=bool(shuffle) and self.shuffle,
+            pad_multiple=pad_multiple,
+            process_index=process_index,
+            process_count=process_count,
+            start_step=start_step,
+            num_epochs=num_epochs,
         )
-        stop = (epoch + checks.positive_int("num_epochs", num_epochs)) * layout.steps
-        loader = _LoadBatch(self, layout, checks.non_negative_int("seed", seed), bool(shuffle) and self.shuffle)
-        return streaming.BatchIterator(self._pipeline(loader, start, stop), start, stop)
-
-    def _pipeline(self, loader: _LoadBatch, start: int, stop: int) -> grain.IterDataset:
-        """Grain's pipeline of positions [start, stop): decoding in grain's reading thread or worker processes."""
-        loaded = grain.MapDataset.range(start, stop).map(loader)
-        options = grain.ReadOptions(num_threads=1 if self.prefetch else 0, prefetch_buffer_size=self.prefetch)
-        pipeline = loaded.to_iter_dataset(options)
-        if self.worker_count:
-            streaming._grain_worker_profiling_flag_readable()
-            pipeline = pipeline.mp_prefetch(
-                grain.MultiprocessingOptions(
-                    num_workers=self.worker_count, per_worker_buffer_size=max(self.prefetch, 1)
-                )
-            )
-        return pipeline
+        load = _LoadBatch(self, plan)
+        return streaming.read_batches(load, start, stop, prefetch=self.prefetch, worker_count=self.worker_count)
 
 
 def _class_folders(directory: str, class_names: Sequence[str] | None) -> list[str]:

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -331,7 +331,7 @@ class TfdsReader:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Plan:
+class Plan:
     """What a batch iterator reads: every epoch's rows, cut by `batching.Layout` in `batching.epoch_order`."""
 
     layout: batching.Layout
@@ -344,7 +344,7 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=2)
-def _epoch_order(plan: _Plan, epoch: int) -> np.ndarray:
+def _epoch_order(plan: Plan, epoch: int) -> np.ndarray:
     """Epoch `epoch`'s order of the row numbers (n int64s, never the data), kept while its steps are read."""
     return batching.epoch_order(plan.layout.num_examples, seed=plan.seed, epoch=epoch, shuffle=plan.shuffle)
 
@@ -368,7 +368,7 @@ class _LoadBatch:
 
     records: Records
     first_row: int
-    plan: _Plan
+    plan: Plan
 
     def __call__(self, position: int) -> batching.Batch:
         epoch, step = divmod(position, self.plan.layout.steps)
@@ -410,6 +410,55 @@ def _check_fields(fields: Mapping[str, Field]) -> None:
     other = {name: field.dtype.name for name, field in fields.items() if field.dtype.kind not in NUMERIC_KINDS}
     if other:
         raise ValueError(f"source: fields must be numeric, got {other}")
+
+
+def plan_batches(
+    num_examples: int,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    pad_multiple: int,
+    process_index: int,
+    process_count: int,
+    start_step: int,
+    num_epochs: int,
+) -> tuple[Plan, int, int]:
+    """The `Plan` of a dataset's batches and the positions [start, stop) (epoch * steps + step) they cover, checked.
+
+    Every streamed dataset (shards, an image folder) cuts its epochs here, as `data.iterate_batches` cuts arrays.
+    """
+    layout = batching.Layout(
+        num_examples,
+        _check_count("batch_size", batch_size, 1),
+        _check_count("pad_multiple", pad_multiple, 1),
+        _check_count("process_index", process_index, 0),
+        _check_count("process_count", process_count, 1),
+    )
+    epoch, start_step = _check_count("epoch", epoch, 0), _check_count("start_step", start_step, 0)
+    if start_step > layout.steps:
+        raise ValueError(f"start_step must be at most the {layout.steps} steps of an epoch, got {start_step}")
+    stop = (epoch + _check_count("num_epochs", num_epochs, 1)) * layout.steps
+    return Plan(layout, _check_count("seed", seed, 0), bool(shuffle)), epoch * layout.steps + start_step, stop
+
+
+def read_batches(
+    load: Callable[[int], batching.Batch], start: int, stop: int, *, prefetch: int, worker_count: int
+) -> "BatchIterator":
+    """The batches `load(position)` gives at positions [start, stop), read by grain.
+
+    `load` runs in grain's reading thread (`prefetch` batches ahead) or in `worker_count` worker processes.
+    """
+    loaded = grain.MapDataset.range(start, stop).map(load)
+    threads = 1 if prefetch else 0
+    pipeline = loaded.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
+    if worker_count:
+        _grain_worker_profiling_flag_readable()
+        pipeline = pipeline.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=max(prefetch, 1))
+        )
+    return BatchIterator(pipeline, start, stop)
 
 
 class BatchIterator(Iterator[batching.Batch]):
@@ -569,31 +618,17 @@ class StreamingDataset:
         reads only its own share of every global batch. Several epochs in one iterator keep its worker
         processes alive between them.
         """
-        seed = _check_count("seed", seed, 0)
-        epoch = _check_count("epoch", epoch, 0)
-        num_epochs = _check_count("num_epochs", num_epochs, 1)
-        layout = batching.Layout(
+        plan, start, stop = plan_batches(
             self.num_examples,
-            _check_count("batch_size", batch_size, 1),
-            _check_count("pad_multiple", pad_multiple, 1),
-            _check_count("process_index", process_index, 0),
-            _check_count("process_count", process_count, 1),
+            batch_size,
+            seed=seed,
+            epoch=epoch,
+            shuffle=shuffle,
+            pad_multiple=pad_multiple,
+            process_index=process_index,
+            process_count=process_count,
+            start_step=start_step,
+            num_epochs=num_epochs,
         )
-        start_step = _check_count("start_step", start_step, 0)
-        if start_step > layout.steps:
-            raise ValueError(f"start_step must be at most the {layout.steps} steps of an epoch, got {start_step}")
-        start, stop = epoch * layout.steps + start_step, (epoch + num_epochs) * layout.steps
-        return BatchIterator(self._pipeline(_Plan(layout, seed, bool(shuffle)), start, stop), start, stop)
-
-    def _pipeline(self, plan: _Plan, start: int, stop: int) -> grain.IterDataset:
-        """Grain's pipeline of the batches at positions [start, stop) (epoch * steps + step) of `plan`."""
-        loaded = grain.MapDataset.range(start, stop).map(_LoadBatch(self.records, self.rows.start, plan))
-        threads = 1 if self.prefetch else 0
-        pipeline = loaded.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=self.prefetch))
-        if self.worker_count:
-            _grain_worker_profiling_flag_readable()
-            options = grain.MultiprocessingOptions(
-                num_workers=self.worker_count, per_worker_buffer_size=max(self.prefetch, 1)
-            )
-            pipeline = pipeline.mp_prefetch(options)
-        return pipeline
+        load = _LoadBatch(self.records, self.rows.start, plan)
+        return read_batches(load, start, stop, prefetch=self.prefetch, worker_count=self.worker_count)

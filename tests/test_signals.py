@@ -75,34 +75,30 @@ def test_a_signal_after_fit_finishes_the_run_and_exits_with_its_code(tmp_path, s
     assert f'"interrupted_by": "{sig.name}"' in (tmp_path / "metrics.json").read_text()
 
 
-def test_a_second_ctrl_c_exits_at_once_with_one_line(tmp_path):
-    child = _script(tmp_path, 120)
+def _two_ctrl_cs(child: subprocess.Popen, phase: str, settle: float, between: float) -> tuple[str, float]:
+    """Send SIGINT twice once `child` prints `phase`: its stderr, and the seconds it took to exit after the second."""
     try:
-        _wait_for(child, "predicting\n")
+        _wait_for(child, phase)
+        time.sleep(settle)
         child.send_signal(signal.SIGINT)
-        time.sleep(0.5)
+        time.sleep(between)
         start = time.monotonic()
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=30)
-        seconds = time.monotonic() - start
+        return err, time.monotonic() - start
     finally:
         child.kill()
+
+
+def test_a_second_ctrl_c_exits_at_once_with_one_line(tmp_path):
+    child = _script(tmp_path, 120)
+    err, seconds = _two_ctrl_cs(child, "predicting\n", 0, 0.5)
     assert child.returncode == flags.INTERRUPTED_EXIT_CODE and seconds < 10
     assert err.strip().splitlines()[-1] == "Stopped at once by a second SIGINT" and "Traceback" not in err
 
 
 def test_two_ctrl_cs_within_one_compiled_call_exit_at_once(tmp_path):
     child = _script(tmp_path, 0, IN_A_COMPILED_CALL)
-    try:
-        _wait_for(child, "computing\n")
-        time.sleep(0.5)
-        child.send_signal(signal.SIGINT)
-        time.sleep(0.2)
-        start = time.monotonic()
-        child.send_signal(signal.SIGINT)
-        _, err = child.communicate(timeout=30)
-        seconds = time.monotonic() - start
-    finally:
-        child.kill()
+    err, seconds = _two_ctrl_cs(child, "computing\n", 0.5, 0.2)
     assert child.returncode == flags.INTERRUPTED_EXIT_CODE and seconds < 5, err
     assert err.strip().splitlines()[-1] == "Stopped at once by a second SIGINT" and "Traceback" not in err
