@@ -169,31 +169,10 @@ class FolderDataset:
             return self, None
         return self.rows(slice(0, len(train))), self.rows(slice(len(train), n))
 
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        epoch: int = 0,
-        shuffle: bool = True,
-        pad_multiple: int = 1,
-        process_index: int = 0,
-        process_count: int = 1,
-        start_step: int = 0,
-        num_epochs: int = 1,
-    ) -> streaming.BatchIterator:
-        """Epoch `epoch`'s batches (and the next `num_epochs` - 1 epochs'), as `data.iterate_batches` cuts arrays."""
+    def batches(self, batch_size: int, *, shuffle: bool = True, **layout: Any) -> streaming.BatchIterator:
+        """Epoch `epoch`'s batches, as `streaming.StreamingDataset.batches` takes `layout` and cuts them."""
         plan, start, stop = streaming.plan_batches(
-            self.num_examples,
-            batch_size,
-            seed=seed,
-            epoch=epoch,
-            shuffle=bool(shuffle) and self.shuffle,
-            pad_multiple=pad_multiple,
-            process_index=process_index,
-            process_count=process_count,
-            start_step=start_step,
-            num_epochs=num_epochs,
+            self.num_examples, batch_size, shuffle=bool(shuffle) and self.shuffle, **layout
         )
         load = _LoadBatch(self, plan)
         return streaming.read_batches(load, start, stop, prefetch=self.prefetch, worker_count=self.worker_count)

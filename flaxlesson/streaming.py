@@ -416,14 +416,14 @@ def plan_batches(
     num_examples: int,
     batch_size: int,
     *,
-    seed: int,
-    epoch: int,
-    shuffle: bool,
-    pad_multiple: int,
-    process_index: int,
-    process_count: int,
-    start_step: int,
-    num_epochs: int,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = True,
+    pad_multiple: int = 1,
+    process_index: int = 0,
+    process_count: int = 1,
+    start_step: int = 0,
+    num_epochs: int = 1,
 ) -> tuple[Plan, int, int]:
     """The `Plan` of a dataset's batches and the positions [start, stop) (epoch * steps + step) they cover, checked.
 
