@@ -53,8 +53,13 @@ class Source(Protocol):
     def split(self, validation_split: float) -> tuple["Source", "Source | None"]:
         """(train, validation), the LAST `validation_split` held out before any shuffling, as Keras's fit does."""
 
-    def placed(self, strategy: parallel.Strategy, data_on_device: bool | None, epochs: int = 1) -> "Source":
-        """This source as the strategy reads it for `epochs` epochs: resident on its devices where asked or fitting."""
+    def placed(
+        self, strategy: parallel.Strategy, data_on_device: bool | None, epochs: int = 1, rows_read: int | None = None
+    ) -> "Source":
+        """This source as the strategy reads it for `epochs` epochs: resident on its devices where asked or worth it.
+
+        `rows_read`: the rows the fit reads in all (None: every row each epoch).
+        """
 
     def example_input(self, layout: Layout) -> Batch:
         """One step's input of the right shapes: what a compile needs."""
@@ -196,10 +201,14 @@ class ArraySource:
         (x, y), (x_val, y_val) = batching.train_validation_split(self.x, self.y, validation_split)
         return ArraySource(x, y), ArraySource(x_val, y_val)
 
-    def placed(self, strategy: parallel.Strategy, data_on_device: bool | None, epochs: int = 1) -> "ArraySource":
+    def placed(
+        self, strategy: parallel.Strategy, data_on_device: bool | None, epochs: int = 1, rows_read: int | None = None
+    ) -> "ArraySource":
         if data_on_device:
             check_host_copies(self.x, self.y, strategy)
-        resident = fits_on_device(self.x, self.y, strategy) if data_on_device is None else data_on_device
+        resident = (
+            fits_on_device(self.x, self.y, strategy, rows_read=rows_read) if data_on_device is None else data_on_device
+        )
         return ResidentSource(self.x, self.y, strategy) if resident else self
 
     def example_input(self, layout: Layout) -> Batch:
@@ -273,7 +282,9 @@ class StreamSource:
         train, validation = self.dataset.split(validation_split)
         return StreamSource(train), None if validation is None else StreamSource(validation)
 
-    def placed(self, strategy: parallel.Strategy, data_on_device: bool | None, epochs: int = 1) -> "StreamSource":
+    def placed(
+        self, strategy: parallel.Strategy, data_on_device: bool | None, epochs: int = 1, rows_read: int | None = None
+    ) -> "StreamSource":
         if data_on_device:
             raise ValueError("data_on_device: a streaming dataset is read from the host as it trains")
         return StreamSource(self.dataset, epochs)
@@ -323,15 +334,20 @@ class StreamSource:
             self._open = None
 
 
-def fits_on_device(x: Any, y: Any, strategy: parallel.Strategy, share: float = RESIDENT_SHARE) -> bool:
+def fits_on_device(
+    x: Any, y: Any, strategy: parallel.Strategy, share: float = RESIDENT_SHARE, rows_read: int | None = None
+) -> bool:
     """Whether (x, y) should stay resident by default: one process, accelerators, at most `share` of one's memory.
 
     Each device holds a whole copy. On CPU devices nothing is placed: the host arrays already lie in the memory
     those devices read, each batch is taken from them as it is, and a resident copy would add one copy of the whole
     set per device to the same RAM. With several processes each reads only its share of every batch from the host
-    instead, so no process needs the whole set on its devices.
+    instead, so no process needs the whole set on its devices. A fit that reads fewer rows than the set holds
+    (`rows_read`, e.g. a short `steps_per_epoch`) would copy more than it reads, so it reads from the host too.
     """
     if strategy.process_count > 1 or parallel.on_cpu(strategy):
+        return False
+    if rows_read is not None and rows_read < batching.num_examples(x):
         return False
     return nbytes((x, y)) <= share * parallel.device_memory_bytes(strategy)
 
@@ -411,7 +427,9 @@ class IterableSource:
             )
         return self, None
 
-    def placed(self, strategy: parallel.Strategy, data_on_device: bool | None, epochs: int = 1) -> "IterableSource":
+    def placed(
+        self, strategy: parallel.Strategy, data_on_device: bool | None, epochs: int = 1, rows_read: int | None = None
+    ) -> "IterableSource":
         if data_on_device:
             raise ValueError("data_on_device: an iterable of batches is read from the host as it trains")
         return self

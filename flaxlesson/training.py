@@ -367,10 +367,10 @@ def fit(
     )
     verbose = (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose
     strategy = parallel.get_strategy(strategy)
-    train = train.placed(strategy, data_on_device, epochs - initial_epoch)
     layout = _layout(train, batch_size, strategy)
     steps_in_epoch = layout.steps if steps_per_epoch is None else min(layout.steps, steps_per_epoch)
     n = min(train.num_examples, steps_in_epoch * layout.batch_size)
+    train = train.placed(strategy, data_on_device, epochs - initial_epoch, (epochs - initial_epoch) * n)
     executor = Executor(strategy, steps_per_execution, steps_in_epoch)
     preemption_service = _preemption_service_on(strategy)  # if on, SIGTERM is the service's
     # From here a signal is recorded, not raised: one that comes while compiling stops the fit after its first call.

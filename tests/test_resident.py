@@ -46,6 +46,13 @@ def test_on_accelerators_the_set_stays_resident_within_its_share_of_one_device()
     assert not sources.fits_on_device(x, y, _Strategy([_Device("gpu", 10**9)], process_count=2))
 
 
+def test_a_fit_reading_fewer_rows_than_the_set_holds_copies_nothing_to_the_devices():
+    x, y = _data()  # 40 rows, 800 bytes
+    gpus = _Strategy([_Device("gpu", 3200)])
+    assert not sources.fits_on_device(x, y, gpus, rows_read=39)  # e.g. 5 steps of batch 8 less one row
+    assert sources.fits_on_device(x, y, gpus, rows_read=40) and sources.fits_on_device(x, y, gpus, rows_read=80)
+
+
 def test_data_on_device_on_cpu_counts_one_copy_per_device_against_the_available_memory(monkeypatch):
     x, y = _data()
     strategy = parallel.get_strategy("sharded")
