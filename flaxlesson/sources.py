@@ -153,9 +153,12 @@ def warn_if_one_class(train: "Source", validation: "Source | None") -> None:
     `validation_split` takes the last fraction before any shuffle, as Keras's; a set ordered by class then
     validates on its last class alone.
     """
-    if validation is None or _labels(train) is None or _labels(validation) is None:
+    if validation is None:
         return
-    held, kept = _classes(_labels(validation)), _classes(_labels(train))
+    train_labels, held_labels = _labels(train), _labels(validation)
+    if train_labels is None or held_labels is None:
+        return
+    held, kept = _classes(held_labels), _classes(train_labels)
     if held is not None and kept is not None and len(held) == 1 and len(kept) > 1:
         logger.warning(
             "validation_split: the held-out validation samples (the last %d) all hold class %s while the training "

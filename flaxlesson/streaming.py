@@ -598,37 +598,15 @@ class StreamingDataset:
         ]
         return views[0], views[1]
 
-    def batches(
-        self,
-        batch_size: int,
-        *,
-        seed: int = 0,
-        epoch: int = 0,
-        shuffle: bool = True,
-        pad_multiple: int = 1,
-        process_index: int = 0,
-        process_count: int = 1,
-        start_step: int = 0,
-        num_epochs: int = 1,
-    ) -> BatchIterator:
+    def batches(self, batch_size: int, **layout: Any) -> BatchIterator:
         """Epoch `epoch`'s batches (and the next ones', up to `num_epochs`), from step `start_step` on.
 
-        The same dicts, in the same order, as `data.iterate_batches(x, y, batch_size, seed=, epoch=, shuffle=,
-        ...)` over this data in memory; the batches before `start_step` are never read; each process
-        reads only its own share of every global batch. Several epochs in one iterator keep its worker
-        processes alive between them.
+        `layout` is `plan_batches`'s keywords (seed, epoch, shuffle, pad_multiple, process_index, process_count,
+        start_step, num_epochs). The same dicts, in the same order, as `data.iterate_batches(x, y, batch_size,
+        seed=, epoch=, shuffle=, ...)` over this data in memory; the batches before `start_step` are never read;
+        each process reads only its own share of every global batch. Several epochs in one iterator keep its
+        worker processes alive between them.
         """
-        plan, start, stop = plan_batches(
-            self.num_examples,
-            batch_size,
-            seed=seed,
-            epoch=epoch,
-            shuffle=shuffle,
-            pad_multiple=pad_multiple,
-            process_index=process_index,
-            process_count=process_count,
-            start_step=start_step,
-            num_epochs=num_epochs,
-        )
+        plan, start, stop = plan_batches(self.num_examples, batch_size, **layout)
         load = _LoadBatch(self.records, self.rows.start, plan)
         return read_batches(load, start, stop, prefetch=self.prefetch, worker_count=self.worker_count)
