@@ -40,19 +40,34 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def sync(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's entries') written data to disk: it survives a crash or a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write `obj` as JSON atomically: a crash mid-write leaves the previous file intact."""
+    """Write `obj` as JSON atomically and durably: a crash mid-write leaves the previous file intact.
+
+    The file is on disk before it takes the name, and the name is on disk before this returns.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(_jsonable(obj), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:  # a full disk, Ctrl-C: leave no half-written temporary file behind
         Path(tmp).unlink(missing_ok=True)
         raise
+    sync(path.parent)
     return path
 
 

@@ -4,8 +4,10 @@ Each example is one record (see `streaming.encode_record`) of numeric fields: th
 (height, width, channels) images, or 'x', any array), its 'label' (a class index, a one-hot row, any shape) and
 any extra fields, e.g. an RNN's 'seq_lengths'. Examples are written as they come, a shard at a time, so a set
 larger than memory can be written from chunks. A writer holds a lock on its folder; metadata.json (each field's
-shape, dtype and range) is written last and atomically, so a folder whose writing did not finish is refused by
-the reader rather than read short, and a write that fails (a full disk, Ctrl-C) removes its shards. Sources:
+shape, dtype and range) is written last and atomically, once every shard is on disk (fsync), so a folder whose
+writing did not finish, or was lost to a crash, is refused by the reader rather than read short, and a write
+that fails (a full disk, Ctrl-C) removes its shards. Flushing each shard as it closes also pays the disk writes
+inside the write: a set written just before training is not written back to disk while the training runs. Sources:
 arrays, an IDX folder, a TFDS split.
 """
 
@@ -176,9 +178,15 @@ class ShardWriter:
                 )
         return arrays
 
+    def _close_shard(self) -> None:
+        """Close the open shard and flush it to disk."""
+        writer, self._writer = self._writer, None
+        writer.close()
+        results.sync(self.out_dir / shard_name(len(self.counts) - 1))
+
     def _next_shard(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            self._close_shard()
         self.counts.append(0)
         self._writer = array_record_module.ArrayRecordWriter(
             str(self.out_dir / shard_name(len(self.counts) - 1)), self.options
@@ -201,8 +209,8 @@ class ShardWriter:
             self.abort()
             raise ValueError("examples: nothing was written; a shard folder needs at least one example")
         with self._removed_on_failure():
-            self._writer.close()
-            self._writer = None
+            self._close_shard()
+            results.sync(self.out_dir)  # the shards' names, before the metadata that lists them
             results.write_json(self.out_dir / streaming.METADATA_FILE, self._metadata())
         self._release()
         log.info("wrote %d examples in %d shards to %s", sum(self.counts), len(self.counts), self.out_dir)

@@ -216,6 +216,24 @@ def test_a_failed_metadata_write_leaves_no_shards_and_no_metadata(tmp_path, monk
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]  # no shards, metadata or temporary file
 
 
+def test_every_shard_and_the_folder_are_on_disk_before_the_metadata_names_them(tmp_path, monkeypatch):
+    folder, synced = tmp_path / "s", []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((os.path.basename(path), (folder / streaming.METADATA_FILE).exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    x, y = _tabular(12)
+    shards.write_arrays(folder, x, y, records_per_shard=5)
+    before_metadata = [name for name, metadata_there in synced if not metadata_there]
+    assert before_metadata[:4] == [shards.shard_name(0), shards.shard_name(1), shards.shard_name(2), "s"]
+    assert before_metadata[4].endswith(".tmp")  # metadata.json's own bytes, before the rename
+    assert synced[-1] == ("s", True)  # and its name
+
+
 def test_ctrl_c_while_writing_removes_the_partial_shards(tmp_path, monkeypatch):
     class Interrupted(_FullDisk):
         def write(self, record):

@@ -237,6 +237,22 @@ def test_threads_reading_one_reader_at_once_each_get_their_records(shard_dir, in
         np.testing.assert_array_equal(labels, in_memory.y_train[order])
 
 
+def test_the_opening_thread_reads_through_the_readers_that_checked_the_shards(shard_dir, in_memory, monkeypatch):
+    opened = []
+
+    class Counted(array_record_module.ArrayRecordReader):
+        def __init__(self, path, *args):
+            opened.append(path)
+            super().__init__(path, *args)
+
+    monkeypatch.setattr(streaming.array_record_module, "ArrayRecordReader", Counted)
+    reader = streaming.ShardReader(shard_dir)
+    checked = len(opened)
+    batch = reader.read(np.arange(N)[::-1])
+    np.testing.assert_array_equal(batch["label"], in_memory.y_train[::-1])
+    assert checked == len(reader.files) > 1 and len(opened) == checked  # every shard read, none opened again
+
+
 # Errors that name the file
 
 
