@@ -43,6 +43,8 @@ class Source(Protocol):
     """The rows of each batch when the data decides them (an iterable's, a folder dataset's); None: fit's batch_size."""
     data: Batch | None
     """The arrays resident on the devices that every compiled call reads rows from; None when inputs are batches."""
+    labels: Any
+    """All the labels when they are at hand without reading the inputs (arrays', a folder's); None otherwise."""
 
     def rows_to_check(self) -> tuple[Any, Any]:
         """(x, y) to check before training: all rows in memory, a stream's `check_rows` (else its first)."""
@@ -140,13 +142,6 @@ def _classes(y: Any) -> np.ndarray | None:
     return np.unique(y)
 
 
-def _labels(source: "Source") -> Any:
-    """A source's labels when they are at hand without reading its inputs: arrays', a folder dataset's."""
-    if isinstance(source, ArraySource):
-        return source.y
-    return getattr(getattr(source, "dataset", None), "labels", None)
-
-
 def warn_if_one_class(train: "Source", validation: "Source | None") -> None:
     """Warn when the held-out validation labels hold one class while the training labels hold several.
 
@@ -155,7 +150,7 @@ def warn_if_one_class(train: "Source", validation: "Source | None") -> None:
     """
     if validation is None:
         return
-    train_labels, held_labels = _labels(train), _labels(validation)
+    train_labels, held_labels = train.labels, validation.labels
     if train_labels is None or held_labels is None:
         return
     held, kept = _classes(held_labels), _classes(train_labels)
@@ -191,6 +186,10 @@ class ArraySource:
         self.x, self.y = x, y
         self.num_examples = batching.num_examples(x)
         self.has_labels = y is not None
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return self.y
 
     def rows_to_check(self) -> tuple[Any, Any]:
         return self.x, self.y
@@ -270,6 +269,7 @@ class StreamSource:
         self.dataset, self.epochs = dataset, epochs
         self.num_examples = dataset.num_examples
         self.has_labels = getattr(dataset, "has_labels", True)
+        self.labels = getattr(dataset, "labels", None)
         self.batch_size = getattr(dataset, "batch_size", None)
         self._open: tuple[Any, tuple, int] | None = None  # iterator, (layout, seed, shuffle), position of its next
 
@@ -394,7 +394,7 @@ class IterableSource:
     own order (`shuffle` does not apply), and a resumed epoch reads and drops the batches before its step.
     """
 
-    data = None
+    data = labels = None
 
     def __init__(self, batches: Iterable, steps: int | None = None, steps_name: str = "steps_per_epoch"):
         self.batches, self.one_shot = batches, iter(batches) is batches

@@ -11,6 +11,7 @@ import optax
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import toys
 from flaxlesson import callbacks, core, models, training
 from flaxlesson.callbacks import (
     CSVLogger,
@@ -25,12 +26,6 @@ from flaxlesson.callbacks import (
 @pytest.fixture(autouse=True)
 def _in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-
-
-def _toy(n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 4)).astype(np.float32)
-    return x, (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5).astype(np.int32)
 
 
 def _state(learning_rate=1e-3):
@@ -135,7 +130,7 @@ def test_early_stopping_can_be_reused_across_fits():
 
 
 def test_a_fit_stopped_early_returns_the_best_epochs_params():
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     record, saved = _params_by_epoch()
     stopper = EarlyStopping(patience=1, restore_best_weights=True)
     state, history = training.fit(
@@ -148,7 +143,7 @@ def test_a_fit_stopped_early_returns_the_best_epochs_params():
 
 
 def test_restore_best_weights_restores_also_when_the_fit_ran_to_the_end_as_keras_3():
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     record, saved = _params_by_epoch()
     stopper = EarlyStopping(patience=5, restore_best_weights=True)
     state, history = training.fit(
@@ -159,7 +154,7 @@ def test_restore_best_weights_restores_also_when_the_fit_ran_to_the_end_as_keras
 
 
 def test_early_stopping_verbose_prints_keras_messages_to_stdout(capsys):
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     stopper = EarlyStopping(patience=0, verbose=1, restore_best_weights=True)
     training.fit(_state(), x, y, epochs=3, batch_size=8, verbose=0, callbacks=[_scripted([1.0, 0.5, 0.7]), stopper])
     assert capsys.readouterr().out == (
@@ -168,7 +163,7 @@ def test_early_stopping_verbose_prints_keras_messages_to_stdout(capsys):
 
 
 def test_without_restore_best_weights_the_fit_returns_its_last_params():
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     record, saved = _params_by_epoch()
     state, _ = training.fit(
         _state(), x, y, epochs=3, batch_size=8, verbose=0,
@@ -178,7 +173,7 @@ def test_without_restore_best_weights_the_fit_returns_its_last_params():
 
 
 def test_early_stopping_on_the_training_loss_stops_a_sharded_fit():
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     stopper = EarlyStopping(monitor="loss", restore_best_weights=True)
     record, saved = _params_by_epoch()
     state, history = training.fit(
@@ -206,7 +201,7 @@ def test_auto_mode_refuses_a_name_whose_direction_keras_cannot_infer(make):
 
 @pytest.mark.parametrize("make", [EarlyStopping, ReduceLROnPlateau])
 def test_an_unknown_monitor_names_the_logs_at_the_first_epoch_end(make):
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     they_hold = r"'val_loss', which is not in the logs; they hold \['accuracy', ('learning_rate', )?'loss'\]"
     with pytest.raises(ValueError, match=they_hold):
         training.fit(_state(), x, y, epochs=2, batch_size=8, verbose=0, callbacks=[make()])
@@ -271,7 +266,7 @@ def test_reduce_lr_stops_at_min_lr():
 
 
 def test_reduce_lr_in_a_fit_records_the_rate_per_epoch_and_trains_with_the_new_one():
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     reduce = ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=10.0)
     state, history = training.fit(_state(), x, y, epochs=3, batch_size=8, verbose=0, callbacks=[reduce])
     np.testing.assert_allclose(history.history["learning_rate"], [1e-3, 1e-3, 5e-4], rtol=1e-6)
@@ -279,7 +274,7 @@ def test_reduce_lr_in_a_fit_records_the_rate_per_epoch_and_trains_with_the_new_o
 
 
 def test_reduce_lr_verbose_prints_keras_message_to_stdout(capsys):
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     reduce = ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=10.0, verbose=1)
     training.fit(_state(), x, y, epochs=2, batch_size=8, verbose=0, callbacks=[reduce])
     lines = capsys.readouterr().out.splitlines()
@@ -287,7 +282,7 @@ def test_reduce_lr_verbose_prints_keras_message_to_stdout(capsys):
 
 
 def test_reduce_lr_refuses_an_optimiser_without_an_injected_rate():
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     state = training.create_train_state(models.MLP(num_classes=3), x[:1], optimizer=optax.adam(1e-3))
     with pytest.raises(ValueError, match="needs the learning rate in the optimiser state"):
         training.fit(state, x, y, epochs=1, batch_size=8, verbose=0, callbacks=[ReduceLROnPlateau(monitor="loss")])
@@ -302,7 +297,7 @@ def _exploding(learning_rate=1e30):
 
 
 def test_terminate_on_nan_returns_the_state_after_the_last_finite_step(caplog):
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     with caplog.at_level(logging.WARNING, logger="flaxlesson.callbacks"):
         state, history = training.fit(
             _exploding(), x, y, epochs=3, batch_size=8, shuffle=False, verbose=0, callbacks=[TerminateOnNaN()]
@@ -316,14 +311,14 @@ def test_terminate_on_nan_returns_the_state_after_the_last_finite_step(caplog):
 
 
 def test_without_terminate_on_nan_the_same_fit_ends_with_non_finite_params():
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     state, history = training.fit(_exploding(), x, y, epochs=1, batch_size=8, verbose=0)
     assert np.isnan(history.history["loss"][0])
     assert not all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state.params))
 
 
 def test_terminate_on_nan_with_raise_error_raises():
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     with pytest.raises(RuntimeError, match="Epoch 1, step 2: invalid loss nan"):
         training.fit(_exploding(), x, y, epochs=1, batch_size=8, verbose=0, callbacks=[TerminateOnNaN(True)])
 
@@ -337,7 +332,7 @@ def _read_csv(path, separator=","):
 
 
 def test_csv_logger_writes_epoch_then_the_sorted_logs():
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     path = "log.csv"
     _, history = training.fit(
         _state(), x, y, epochs=2, batch_size=8, validation_split=0.25, verbose=0, callbacks=[CSVLogger(path)]
@@ -350,7 +345,7 @@ def test_csv_logger_writes_epoch_then_the_sorted_logs():
 
 
 def test_csv_logger_without_validation_adds_val_columns_written_na_as_keras():
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     training.fit(_state(), x, y, epochs=1, batch_size=8, verbose=0, callbacks=[CSVLogger("log.csv", separator=";")])
     rows = _read_csv("log.csv", ";")
     assert rows[0] == ["epoch", "accuracy", "loss", "val_accuracy", "val_loss"]
@@ -358,7 +353,7 @@ def test_csv_logger_without_validation_adds_val_columns_written_na_as_keras():
 
 
 def test_csv_logger_appends_without_a_second_header():
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     for _ in range(2):
         training.fit(_state(), x, y, epochs=2, batch_size=8, verbose=0, callbacks=[CSVLogger("log.csv", append=True)])
     rows = _read_csv("log.csv")
@@ -366,7 +361,7 @@ def test_csv_logger_appends_without_a_second_header():
 
 
 def test_csv_logger_records_the_rate_a_reduce_lr_before_it_adds():
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     reduce = ReduceLROnPlateau(monitor="loss", patience=0, min_delta=10.0)
     training.fit(_state(), x, y, epochs=2, batch_size=8, verbose=0, callbacks=[reduce, CSVLogger("log.csv")])
     rows = _read_csv("log.csv")
@@ -388,7 +383,7 @@ def _scalars(folder):
 
 
 def test_tensorboard_writes_every_epoch_figure_that_tensorboard_reads(tmp_path):
-    x, y = _toy()
+    x, y = toys.three_classes(40)
     reduce = ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=10.0)
     _, history = training.fit(
         _state(), x, y, epochs=3, batch_size=8, validation_split=0.2, verbose=0,
@@ -409,7 +404,7 @@ def test_tensorboard_writes_every_epoch_figure_that_tensorboard_reads(tmp_path):
 
 
 def test_tensorboard_with_update_freq_writes_batch_figures_every_n_steps(tmp_path):
-    x, y = _toy()  # 40 samples, batch 8: 5 steps per epoch, 10 in all.
+    x, y = toys.three_classes(40)  # 40 samples, batch 8: 5 steps per epoch, 10 in all.
     training.fit(_state(), x, y, epochs=2, batch_size=8, verbose=0, callbacks=[TensorBoard(tmp_path, update_freq=3)])
     train = _scalars(tmp_path / "train")
     assert [s for s, _ in train["batch_loss"]] == [3, 6, 9]
@@ -417,7 +412,7 @@ def test_tensorboard_with_update_freq_writes_batch_figures_every_n_steps(tmp_pat
 
 
 def test_tensorboard_with_steps_per_execution_writes_at_calls_that_reach_a_multiple(tmp_path):
-    x, y = _toy()  # calls of 2 steps end at steps 2, 4, 5 of each epoch: global 2, 4, 5, 7, 9, 10.
+    x, y = toys.three_classes(40)  # calls of 2 steps end at steps 2, 4, 5 of each epoch: global 2, 4, 5, 7, 9, 10.
     training.fit(
         _state(), x, y, epochs=2, batch_size=8, verbose=0, steps_per_execution=2,
         callbacks=[TensorBoard(tmp_path, update_freq=3)],

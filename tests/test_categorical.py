@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import toys
 from experiments import cnn_mnist
 from flaxlesson import core, data, models, training
 
@@ -55,14 +56,8 @@ def test_categorical_accuracy_compares_argmaxes_of_labels_and_logits():
     np.testing.assert_array_equal(core.get_loss("categorical_crossentropy").correct(logits, soft), [1, 0, 1])
 
 
-def _toy(n=30):
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(n, 4)).astype(np.float32)
-    return x, (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5).astype(np.int32)
-
-
 def test_one_hot_labels_train_as_the_sparse_ones_do():
-    x, y = _toy()
+    x, y = toys.three_classes(30)
     fits = {
         loss: training.fit(
             training.create_train_state(models.MLP(num_classes=3), x[:1], loss=loss),
@@ -86,7 +81,7 @@ def test_one_hot_labels_train_as_the_sparse_ones_do():
 
 
 def test_soft_labels_train():
-    x, y = _toy()
+    x, y = toys.three_classes(30)
     soft = 0.8 * data.to_categorical(y, 3) + 0.2 / 3
     state = training.create_train_state(models.MLP(num_classes=3), x[:1], loss="categorical_crossentropy")
     _, history = training.fit(state, x, soft, epochs=3, batch_size=8, verbose=0)
@@ -94,7 +89,7 @@ def test_soft_labels_train():
 
 
 def test_one_hot_labels_of_another_width_than_the_outputs_are_refused():
-    x, y = _toy()
+    x, y = toys.three_classes(30)
     state = training.create_train_state(models.MLP(num_classes=3), x[:1], loss="categorical_crossentropy")
     with pytest.raises(ValueError, match="y: labels are 4 wide but the model has 3 outputs"):
         training.fit(state, x, data.to_categorical(y, 4), verbose=0)

@@ -10,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding
 
+import toys
 from flaxlesson import checkpoint, models, training
 from flaxlesson.resume import resume_or_start
 
@@ -19,12 +20,6 @@ def _where(position):
     return dataclasses.replace(position, layout=None)
 
 
-def _toy(n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 5)).astype(np.float32)
-    return x, (x[:, 0] + x[:, 1] > 0).astype(np.int32) + (x[:, 2] > 0.5).astype(np.int32)
-
-
 def _state(hidden=(12,), optimizer=None):
     return training.create_train_state(
         models.MLP(hidden=hidden, num_classes=3), np.zeros((1, 5), np.float32), optimizer=optimizer
@@ -32,7 +27,7 @@ def _state(hidden=(12,), optimizer=None):
 
 
 def _fit(state, epochs, initial_epoch=0, strategy=None, callbacks=()):
-    x, y = _toy()
+    x, y = toys.three_classes_of_five(40)
     return training.fit(
         state,
         x,

@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import toys
 from experiments import flags
 from flaxlesson import checkpoint, execution, models, training
 from flaxlesson.resume import Start, resume_or_start
@@ -32,13 +33,7 @@ def _where(position):
     return dataclasses.replace(position, layout=None)
 
 
-def _toy(n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 5)).astype(np.float32)
-    return x, (x[:, 0] + x[:, 1] > 0).astype(np.int32) + (x[:, 2] > 0.5).astype(np.int32)
-
-
-X, Y = _toy()
+X, Y = toys.three_classes_of_five(40)
 
 
 def _state():

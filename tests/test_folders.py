@@ -220,6 +220,17 @@ def test_fit_evaluate_and_predict_train_the_lesson_cnn_on_a_folder(folder):
     assert training.predict(trained, dataset).shape == (11, 3)
 
 
+def test_validation_split_of_an_unshuffled_folder_warns_that_it_validates_on_one_class(folder, caplog):
+    root, _ = folder
+    dataset = data.image_dataset_from_directory(
+        root, color_mode="grayscale", image_size=(12, 12), shuffle=False, batch_size=4
+    )
+    state = training.create_train_state(models.CNN(features=(4, 8), dense=8, num_classes=3), dataset.take([0])["x"])
+    with caplog.at_level(logging.WARNING, logger="flaxlesson.sources"):
+        training.fit(state, dataset, epochs=1, validation_split=0.25, verbose=0)  # the last 3 files: zebra
+    assert "the last 3) all hold class 2 while the training samples hold 2 classes" in caplog.text
+
+
 def test_write_directory_stores_the_decoded_images_as_shards(folder, tmp_path):
     root, _ = folder
     out = folders.write_directory(root, tmp_path / "shards", image_size=SIZE, seed=2, records_per_shard=4)

@@ -5,20 +5,10 @@ import jax
 import numpy as np
 import pytest
 
-from flaxlesson import checks, models, training
+import toys
+from flaxlesson import checks, training
 
 N, B = 23, 8  # three batches an epoch, the last of 7
-
-
-def _toy(n=N, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 4)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5).astype(np.int32)
-    return x, y
-
-
-def _state():
-    return training.create_train_state(models.MLP(num_classes=3), np.zeros((1, 4), np.float32), seed=0)
 
 
 def _batches(x, y, batch_size=B):
@@ -38,36 +28,36 @@ def _assert_same_params(a, b):
 @pytest.fixture(scope="module")
 def array_fit():
     """Two epochs over the arrays in order (shuffle=False): the batches the iterables yield."""
-    x, y = _toy()
-    return training.fit(_state(), x, y, epochs=2, batch_size=B, shuffle=False, verbose=0)
+    x, y = toys.three_classes(N)
+    return training.fit(toys.mlp_state(), x, y, epochs=2, batch_size=B, shuffle=False, verbose=0)
 
 
 def test_a_generator_fed_fit_equals_the_array_fed_fit_of_the_same_batches(array_fit):
-    x, y = _toy()
-    state, history = training.fit(_state(), _generator(x, y, 2), epochs=2, steps_per_epoch=3, verbose=0)
+    x, y = toys.three_classes(N)
+    state, history = training.fit(toys.mlp_state(), _generator(x, y, 2), epochs=2, steps_per_epoch=3, verbose=0)
     _assert_same_params(state, array_fit[0])
     np.testing.assert_allclose(history.history["loss"], array_fit[1].history["loss"], rtol=1e-6)
 
 
 def test_a_list_of_batches_restarts_each_epoch_and_sets_the_batch_size(array_fit):
-    x, y = _toy()
+    x, y = toys.three_classes(N)
     # fit's batch_size is not the batches': as in Keras, the iterable's own batches are the steps.
-    state, _ = training.fit(_state(), _batches(x, y), epochs=2, batch_size=32, verbose=0)
+    state, _ = training.fit(toys.mlp_state(), _batches(x, y), epochs=2, batch_size=32, verbose=0)
     _assert_same_params(state, array_fit[0])
 
 
 def test_a_grain_dataset_of_batches_trains_as_the_arrays(array_fit):
-    x, y = _toy()
+    x, y = toys.three_classes(N)
     batches = grain.MapDataset.source(_batches(x, y))
-    state, _ = training.fit(_state(), batches, epochs=2, verbose=0)  # its len() is an epoch
+    state, _ = training.fit(toys.mlp_state(), batches, epochs=2, verbose=0)  # its len() is an epoch
     _assert_same_params(state, array_fit[0])
-    state, _ = training.fit(_state(), batches.to_iter_dataset(), epochs=2, steps_per_epoch=3, verbose=0)
+    state, _ = training.fit(toys.mlp_state(), batches.to_iter_dataset(), epochs=2, steps_per_epoch=3, verbose=0)
     _assert_same_params(state, array_fit[0])  # an IterDataset has no len(); it restarts each epoch
 
 
 def test_evaluate_and_predict_read_a_generator_for_steps_batches():
-    x, y = _toy()
-    state = _state()
+    x, y = toys.three_classes(N)
+    state = toys.mlp_state()
     expected = training.evaluate(state, x, y, batch_size=B)
     got = training.evaluate(state, _generator(x, y, 1), steps=3)
     assert got == pytest.approx(expected, rel=1e-6)
@@ -78,11 +68,13 @@ def test_evaluate_and_predict_read_a_generator_for_steps_batches():
 
 
 def test_validation_data_may_be_a_generator_of_validation_steps_batches():
-    x, y = _toy()
-    x_val, y_val = _toy(10, seed=1)
-    _, expected = training.fit(_state(), x, y, batch_size=B, shuffle=False, validation_data=(x_val, y_val), verbose=0)
+    x, y = toys.three_classes(N)
+    x_val, y_val = toys.three_classes(10, seed=1)
+    _, expected = training.fit(
+        toys.mlp_state(), x, y, batch_size=B, shuffle=False, validation_data=(x_val, y_val), verbose=0
+    )
     _, history = training.fit(
-        _state(),
+        toys.mlp_state(),
         x,
         y,
         batch_size=B,
@@ -95,45 +87,45 @@ def test_validation_data_may_be_a_generator_of_validation_steps_batches():
 
 
 def test_a_generator_without_steps_per_epoch_is_refused_before_training():
-    x, y = _toy()
+    x, y = toys.three_classes(N)
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        training.fit(_state(), _generator(x, y, 1), verbose=0)
+        training.fit(toys.mlp_state(), _generator(x, y, 1), verbose=0)
     with pytest.raises(ValueError, match="steps"):
-        training.evaluate(_state(), _generator(x, y, 1))
+        training.evaluate(toys.mlp_state(), _generator(x, y, 1))
 
 
 def test_a_generator_that_runs_out_stops_the_fit_with_a_warning(caplog):
-    x, y = _toy()
+    x, y = toys.three_classes(N)
     with caplog.at_level(logging.WARNING, logger="flaxlesson.sources"):
-        _, history = training.fit(_state(), _generator(x, y, 1), epochs=3, steps_per_epoch=3, verbose=0)
+        _, history = training.fit(toys.mlp_state(), _generator(x, y, 1), epochs=3, steps_per_epoch=3, verbose=0)
     assert history.epoch == [0]
     assert "ran out of batches" in caplog.text
 
 
 def test_iterables_refuse_validation_split_y_and_batches_larger_than_the_first():
-    x, y = _toy()
+    x, y = toys.three_classes(N)
     with pytest.raises(ValueError, match="validation_split"):
-        training.fit(_state(), _batches(x, y), validation_split=0.2, verbose=0)
+        training.fit(toys.mlp_state(), _batches(x, y), validation_split=0.2, verbose=0)
     with pytest.raises(ValueError, match="y"):
-        training.fit(_state(), _batches(x, y), y, verbose=0)
+        training.fit(toys.mlp_state(), _batches(x, y), y, verbose=0)
     growing = [(x[:4], y[:4]), (x[4:12], y[4:12])]
     with pytest.raises(ValueError, match="batch 1"):
-        training.fit(_state(), growing, verbose=0)
+        training.fit(toys.mlp_state(), growing, verbose=0)
 
 
 def test_from_data_tells_batches_from_arrays():
-    x, y = _toy()
+    x, y = toys.three_classes(N)
     assert checks.is_batches(_batches(x, y)) and checks.is_batches(_generator(x, y, 1))
     assert not checks.is_batches(x) and not checks.is_batches(x.tolist()) and not checks.is_batches({"x": x})
 
 
 def test_validation_split_of_class_ordered_labels_warns(caplog):
-    x, _ = _toy(40)
+    x, _ = toys.three_classes(40)
     y = np.repeat(np.arange(3, dtype=np.int32), [16, 16, 8])  # ordered by class: the last 20% are class 2
     with caplog.at_level(logging.WARNING, logger="flaxlesson.sources"):
-        training.fit(_state(), x, y, validation_split=0.2, verbose=0)
+        training.fit(toys.mlp_state(), x, y, validation_split=0.2, verbose=0)
     assert "hold class 2" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="flaxlesson.sources"):
-        training.fit(_state(), x, np.random.default_rng(0).permutation(y), validation_split=0.2, verbose=0)
+        training.fit(toys.mlp_state(), x, np.random.default_rng(0).permutation(y), validation_split=0.2, verbose=0)
     assert "validation_split" not in caplog.text

@@ -4,24 +4,14 @@ import jax
 import numpy as np
 import pytest
 
+import toys
 from flaxlesson import augment, models, sources, training
 
 
-def _toy(n=23, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 4)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5).astype(np.int32)
-    return x, y
-
-
-def _state():
-    return training.create_train_state(models.MLP(num_classes=3), np.zeros((1, 4), np.float32), seed=0)
-
-
 def _fit(**kwargs):
-    x, y = _toy()
+    x, y = toys.three_classes(23)
     settings = {"epochs": 2, "batch_size": 4, "validation_split": 0.2, "seed": 1, "verbose": 0}
-    return training.fit(_state(), x, y, **(settings | kwargs))
+    return training.fit(toys.mlp_state(), x, y, **(settings | kwargs))
 
 
 def _assert_same(a, b, history_a, history_b):
@@ -73,8 +63,8 @@ def test_many_steps_per_call_with_seq_lengths():
 
 
 def test_evaluate_and_predict_take_steps_per_execution():
-    x, y = _toy()
-    state = _state()
+    x, y = toys.three_classes(23)
+    state = toys.mlp_state()
     np.testing.assert_allclose(
         training.predict(state, x, batch_size=4, steps_per_execution=3), training.predict(state, x, batch_size=4)
     )
@@ -90,7 +80,7 @@ def test_the_epoch_remainder_compiles_no_second_call(caplog):
 
 
 def test_a_resident_epoch_moves_only_its_index_order(monkeypatch):
-    x, y = _toy()
+    x, y = toys.three_classes(23)
     moved = []
     original = sources.ResidentSource.epoch_inputs
 
@@ -102,12 +92,12 @@ def test_a_resident_epoch_moves_only_its_index_order(monkeypatch):
                 yield inputs
 
     monkeypatch.setattr(sources.ResidentSource, "epoch_inputs", recording)
-    training.fit(_state(), x, y, epochs=2, batch_size=4, verbose=0, data_on_device=True)
+    training.fit(toys.mlp_state(), x, y, epochs=2, batch_size=4, verbose=0, data_on_device=True)
     assert moved and all(set(m) == {"index", "mask"} and m["index"][0] == np.int32 for m in moved)
 
 
 @pytest.mark.parametrize("value", [0, -1, 1.5, "all", True])
 def test_bad_steps_per_execution_is_refused(value):
-    x, y = _toy()
+    x, y = toys.three_classes(23)
     with pytest.raises(ValueError, match="steps_per_execution"):
-        training.fit(_state(), x, y, steps_per_execution=value, verbose=0)
+        training.fit(toys.mlp_state(), x, y, steps_per_execution=value, verbose=0)

@@ -4,18 +4,8 @@ import jax
 import numpy as np
 import pytest
 
+import toys
 from flaxlesson import models, training
-
-
-def _toy(n=23, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 4)).astype(np.float32)
-    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0.5).astype(np.int32)
-    return x, y
-
-
-def _state(seed=0):
-    return training.create_train_state(models.MLP(num_classes=3), np.zeros((1, 4), np.float32), seed=seed)
 
 
 def _leaves(state):
@@ -31,44 +21,44 @@ def test_adam_has_keras_epsilon():
 
 
 def test_mlp_uses_keras_initialisers():
-    params = _state().params
+    params = toys.mlp_state().params
     assert all(np.all(np.asarray(layer["bias"]) == 0) for layer in params.values())
     limit = np.sqrt(6 / (4 + 10))
     assert np.abs(np.asarray(params["Dense_0"]["kernel"])).max() <= limit
 
 
 def test_history_has_keras_keys_per_epoch():
-    x, y = _toy()
-    _, history = training.fit(_state(), x, y, epochs=3, batch_size=5, validation_split=0.2, verbose=0)
+    x, y = toys.three_classes(23)
+    _, history = training.fit(toys.mlp_state(), x, y, epochs=3, batch_size=5, validation_split=0.2, verbose=0)
     assert set(history.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert all(len(v) == 3 for v in history.history.values())
     assert history.epoch == [0, 1, 2]
 
 
 def test_history_without_validation_has_no_val_keys():
-    x, y = _toy()
-    _, history = training.fit(_state(), x, y, epochs=1, batch_size=5, verbose=0)
+    x, y = toys.three_classes(23)
+    _, history = training.fit(toys.mlp_state(), x, y, epochs=1, batch_size=5, verbose=0)
     assert set(history.history) == {"loss", "accuracy"}
 
 
 def test_same_seed_gives_identical_params():
-    x, y = _toy()
-    a, _ = training.fit(_state(1), x, y, epochs=2, batch_size=4, seed=7, verbose=0)
-    b, _ = training.fit(_state(1), x, y, epochs=2, batch_size=4, seed=7, verbose=0)
+    x, y = toys.three_classes(23)
+    a, _ = training.fit(toys.mlp_state(1), x, y, epochs=2, batch_size=4, seed=7, verbose=0)
+    b, _ = training.fit(toys.mlp_state(1), x, y, epochs=2, batch_size=4, seed=7, verbose=0)
     for la, lb in zip(_leaves(a), _leaves(b)):
         np.testing.assert_array_equal(la, lb)
 
 
 def test_other_shuffle_seed_gives_other_params():
-    x, y = _toy()
-    a, _ = training.fit(_state(1), x, y, epochs=1, batch_size=4, seed=1, verbose=0)
-    b, _ = training.fit(_state(1), x, y, epochs=1, batch_size=4, seed=2, verbose=0)
+    x, y = toys.three_classes(23)
+    a, _ = training.fit(toys.mlp_state(1), x, y, epochs=1, batch_size=4, seed=1, verbose=0)
+    b, _ = training.fit(toys.mlp_state(1), x, y, epochs=1, batch_size=4, seed=2, verbose=0)
     assert any(not np.array_equal(la, lb) for la, lb in zip(_leaves(a), _leaves(b)))
 
 
 def _by_hand(x, y, batches):
     """Plain jitted steps over the given row slices, each batch unpadded: the reference for fit."""
-    state, totals = _state(), training.zero_totals()
+    state, totals = toys.mlp_state(), training.zero_totals()
     step = jax.jit(training.make_train_step(state.loss))
     for rows in batches:
         batch = {"x": x[rows], "y": y[rows], "mask": np.ones(len(y[rows]), np.float32)}
@@ -77,8 +67,8 @@ def _by_hand(x, y, batches):
 
 
 def test_partial_last_batch_is_trained_as_its_own_mean():
-    x, y = _toy(n=7)
-    trained, _ = training.fit(_state(), x, y, epochs=1, batch_size=5, shuffle=False, verbose=0)
+    x, y = toys.three_classes(7)
+    trained, _ = training.fit(toys.mlp_state(), x, y, epochs=1, batch_size=5, shuffle=False, verbose=0)
     state, _ = _by_hand(x, y, [slice(0, 5), slice(5, 7)])
     assert int(trained.step) == 2
     for la, lb in zip(_leaves(trained), _leaves(state)):
@@ -86,32 +76,32 @@ def test_partial_last_batch_is_trained_as_its_own_mean():
 
 
 def test_partial_last_batch_compiles_one_step(caplog):
-    x, y = _toy(n=7)
+    x, y = toys.three_classes(7)
     with jax.log_compiles(), caplog.at_level(logging.WARNING, logger="jax"):
-        training.fit(_state(), x, y, epochs=2, batch_size=5, verbose=0)
+        training.fit(toys.mlp_state(), x, y, epochs=2, batch_size=5, verbose=0)
     compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_one)")]
     assert len(compiles) == 1
 
 
 def test_epoch_loss_averages_over_real_samples_only():
-    x, y = _toy(n=7)
-    _, history = training.fit(_state(), x, y, epochs=1, batch_size=5, shuffle=False, verbose=0)
+    x, y = toys.three_classes(7)
+    _, history = training.fit(toys.mlp_state(), x, y, epochs=1, batch_size=5, shuffle=False, verbose=0)
     _, totals = _by_hand(x, y, [slice(0, 5), slice(5, 7)])
     np.testing.assert_allclose(history.history["loss"][0], float(totals["loss"]) / 7, rtol=1e-5)
     np.testing.assert_allclose(history.history["accuracy"][0], float(totals["correct"]) / 7)
 
 
 def test_predict_rows_are_probabilities():
-    x, _ = _toy()
-    state = _state()
+    x, _ = toys.three_classes(23)
+    state = toys.mlp_state()
     probs = training.predict(state, x, batch_size=10)
     assert probs.shape == (23, 3)
     np.testing.assert_allclose(probs, jax.nn.softmax(state.apply_fn({"params": state.params}, x)), rtol=1e-5)
 
 
 def test_evaluate_matches_predict():
-    x, y = _toy()
-    state = _state()
+    x, y = toys.three_classes(23)
+    state = toys.mlp_state()
     result = training.evaluate(state, x, y, batch_size=6)
     probs = training.predict(state, x, batch_size=6)
     np.testing.assert_allclose(result["accuracy"], np.mean(probs.argmax(1) == y))
@@ -119,24 +109,24 @@ def test_evaluate_matches_predict():
 
 
 def test_fit_learns_a_separable_problem():
-    x, y = _toy(n=200)
-    state, history = training.fit(_state(), x, y, epochs=60, batch_size=16, verbose=0)
+    x, y = toys.three_classes(200)
+    state, history = training.fit(toys.mlp_state(), x, y, epochs=60, batch_size=16, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
     assert training.evaluate(state, x, y)["accuracy"] > 0.9
 
 
 def test_verbose_two_prints_a_line_per_epoch(capsys):
-    x, y = _toy()
-    training.fit(_state(), x, y, epochs=2, batch_size=8, verbose=2)
+    x, y = toys.three_classes(23)
+    training.fit(toys.mlp_state(), x, y, epochs=2, batch_size=8, verbose=2)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch")]
     assert len(lines) == 2 and "samples/s" in lines[0] and "loss:" in lines[0]
 
 
 def test_callbacks_see_every_epoch():
-    x, y = _toy()
+    x, y = toys.three_classes(23)
     seen = []
     training.fit(
-        _state(),
+        toys.mlp_state(),
         x,
         y,
         epochs=3,
@@ -159,29 +149,29 @@ def test_callbacks_see_every_epoch():
     ],
 )
 def test_bad_fit_arguments_are_rejected(kwargs, match):
-    x, y = _toy()
+    x, y = toys.three_classes(23)
     with pytest.raises(ValueError, match=match):
-        training.fit(_state(), x, y, verbose=0, **kwargs)
+        training.fit(toys.mlp_state(), x, y, verbose=0, **kwargs)
 
 
 def test_x_and_y_of_different_lengths_are_rejected():
-    x, y = _toy()
+    x, y = toys.three_classes(23)
     with pytest.raises(ValueError, match="same number of samples"):
-        training.fit(_state(), x, y[:-1], verbose=0)
+        training.fit(toys.mlp_state(), x, y[:-1], verbose=0)
 
 
 def test_non_finite_inputs_are_rejected():
-    x, y = _toy()
+    x, y = toys.three_classes(23)
     x[3, 1] = np.nan
     with pytest.raises(ValueError, match="finite"):
-        training.fit(_state(), x, y, verbose=0)
+        training.fit(toys.mlp_state(), x, y, verbose=0)
 
 
 def test_labels_outside_the_classes_are_rejected():
-    x, y = _toy()
+    x, y = toys.three_classes(23)
     y[0] = 3
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
-        training.fit(_state(), x, y, verbose=0)
+        training.fit(toys.mlp_state(), x, y, verbose=0)
 
 
 def test_unknown_loss_is_rejected():
@@ -195,9 +185,11 @@ def _noise(key, x):
 
 
 def test_augment_runs_on_each_training_batch_with_a_fresh_key():
-    x, y = _toy(n=8)
-    trained, _ = training.fit(_state(), x, y, epochs=1, batch_size=4, shuffle=False, seed=3, augment=_noise, verbose=0)
-    state = _state()
+    x, y = toys.three_classes(8)
+    trained, _ = training.fit(
+        toys.mlp_state(), x, y, epochs=1, batch_size=4, shuffle=False, seed=3, augment=_noise, verbose=0
+    )
+    state = toys.mlp_state()
     step = jax.jit(training.make_train_step(state.loss))
     for i, rows in enumerate((slice(0, 4), slice(4, 8))):
         noise = _noise(jax.random.fold_in(jax.random.key(3), i), x[rows])
@@ -208,9 +200,9 @@ def test_augment_runs_on_each_training_batch_with_a_fresh_key():
 
 
 def test_augment_never_touches_validation_data():
-    x, y = _toy(n=10)
+    x, y = toys.three_classes(10)
     trained, history = training.fit(
-        _state(), x, y, epochs=1, batch_size=4, validation_split=0.2, augment=_noise, verbose=0
+        toys.mlp_state(), x, y, epochs=1, batch_size=4, validation_split=0.2, augment=_noise, verbose=0
     )
     expected = training.evaluate(trained, x[8:], y[8:])
     np.testing.assert_allclose(history.history["val_loss"][0], expected["loss"], rtol=1e-5)
