@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+import toys
 from flaxlesson import augment, callbacks, models, summary, training
 
 
@@ -14,7 +15,7 @@ def _data(n=12):
 
 @pytest.fixture(scope="module")
 def state():
-    return training.create_train_state(models.MLP(num_classes=3), np.zeros((1, 4), np.float32))
+    return toys.mlp_state()
 
 
 @pytest.fixture

@@ -207,11 +207,19 @@ def test_an_unshuffled_folder_keeps_its_order_whatever_the_shuffle_asked_of_its_
     np.testing.assert_array_equal(got[: dataset.num_examples], dataset.labels)
 
 
+def _grayscale(root, **kwargs):
+    """The folder as 12x12 grayscale images in batches of 4: what the small CNN below trains on."""
+    return data.image_dataset_from_directory(root, color_mode="grayscale", image_size=(12, 12), batch_size=4, **kwargs)
+
+
+def _small_cnn(dataset):
+    return training.create_train_state(models.CNN(features=(4, 8), dense=8, num_classes=3), dataset.take([0])["x"])
+
+
 def test_fit_evaluate_and_predict_train_the_lesson_cnn_on_a_folder(folder):
     root, _ = folder
-    dataset = data.image_dataset_from_directory(root, color_mode="grayscale", image_size=(12, 12), seed=0, batch_size=4)
-    model = models.CNN(features=(4, 8), dense=8, num_classes=3)
-    state = training.create_train_state(model, dataset.take([0])["x"], seed=0)
+    dataset = _grayscale(root, seed=0)
+    state = _small_cnn(dataset)
     trained, history = training.fit(state, dataset, epochs=1, validation_split=0.3, verbose=0)
     changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), state.params, trained.params)
     assert all(jax.tree.leaves(changed))
@@ -222,10 +230,8 @@ def test_fit_evaluate_and_predict_train_the_lesson_cnn_on_a_folder(folder):
 
 def test_validation_split_of_an_unshuffled_folder_warns_that_it_validates_on_one_class(folder, caplog):
     root, _ = folder
-    dataset = data.image_dataset_from_directory(
-        root, color_mode="grayscale", image_size=(12, 12), shuffle=False, batch_size=4
-    )
-    state = training.create_train_state(models.CNN(features=(4, 8), dense=8, num_classes=3), dataset.take([0])["x"])
+    dataset = _grayscale(root, shuffle=False)
+    state = _small_cnn(dataset)
     with caplog.at_level(logging.WARNING, logger="flaxlesson.sources"):
         training.fit(state, dataset, epochs=1, validation_split=0.25, verbose=0)  # the last 3 files: zebra
     assert "the last 3) all hold class 2 while the training samples hold 2 classes" in caplog.text

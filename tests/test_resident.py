@@ -6,7 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from flaxlesson import models, parallel, sources, training
+import toys
+from flaxlesson import parallel, sources, training
 
 
 @dataclasses.dataclass
@@ -33,7 +34,7 @@ def test_a_default_fit_on_cpu_devices_reads_the_host_arrays_without_a_resident_c
         raise AssertionError("the training set was copied to the devices")
 
     monkeypatch.setattr(sources.ResidentSource, "__init__", copied)
-    state = training.create_train_state(models.MLP(num_classes=3), np.zeros((1, 4), np.float32))
+    state = toys.mlp_state()
     x, y = _data()
     _, history = training.fit(state, x, y, batch_size=8, verbose=0, strategy="sharded")
     assert history.epoch == [0]
